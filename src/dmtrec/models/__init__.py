@@ -1,0 +1,77 @@
+"""Single-device models (plain math; nothing here imports ``dmtrec.parallel``).
+
+``build_model`` makes the flat model (``towers=None``) or the multi-tower DMT reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from dmtrec.data.base import FeatureSpec
+from dmtrec.errors import ConfigError
+from dmtrec.models.common import FlatModel, make_ebc
+from dmtrec.models.dcn import DCNHead
+from dmtrec.models.dlrm import DLRMHead
+from dmtrec.models.dmt import MultiTower
+
+MODELS = ("dlrm", "dcn")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture options shared by the CLI, the trainer and the distributed wrappers."""
+
+    model: str = "dlrm"
+    embedding_dim: int = 16
+    bottom: list[int] = field(default_factory=lambda: [64, 32])
+    top: list[int] = field(default_factory=lambda: [64, 32])
+    cross_layers: int = 3
+    cross_rank: int = 16
+    towers: list[list[str]] | None = None  # None: the flat model
+    tm: str = "identity"
+    cr: int = 1
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(
+                f"--model: unknown model {self.model!r}; choose from {', '.join(MODELS)}"
+            )
+        if self.embedding_dim < 1:
+            raise ConfigError("--embedding-dim must be >= 1")
+
+
+def make_head(cfg: ModelConfig, spec: FeatureSpec, num_sparse: int) -> nn.Module:
+    """The global (dense) part for ``num_sparse`` D-dim inputs."""
+    if cfg.model == "dlrm":
+        return DLRMHead(len(spec.dense), num_sparse, cfg.embedding_dim, cfg.bottom, cfg.top)
+    return DCNHead(
+        len(spec.dense),
+        num_sparse,
+        cfg.embedding_dim,
+        cfg.bottom,
+        cfg.top,
+        cfg.cross_layers,
+        cfg.cross_rank,
+    )
+
+
+def build_model(cfg: ModelConfig, spec: FeatureSpec, device: str = "cpu") -> nn.Module:
+    """Flat model when ``cfg.towers`` is None, else the multi-tower model (DMT reference)."""
+    cfg.validate()
+    ebc = make_ebc(spec.table_sizes, cfg.embedding_dim, spec.sparse, device=device)
+    if cfg.towers is None:
+        return FlatModel(ebc, make_head(cfg, spec, len(spec.sparse)), spec.sparse)
+    return MultiTower(
+        spec,
+        ebc,
+        cfg.towers,
+        cfg.tm,
+        cfg.cr,
+        cfg.embedding_dim,
+        lambda n: make_head(cfg, spec, n),
+    )
+
+
+__all__ = ["MODELS", "DCNHead", "DLRMHead", "FlatModel", "ModelConfig", "MultiTower", "build_model"]

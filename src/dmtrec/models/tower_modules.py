@@ -1,0 +1,98 @@
+"""Tower modules (TM): per-tower dense nets that compress a tower before it crosses hosts.
+
+A TM maps the tower's m pooled embeddings (B x m x D) to n = m / CR "virtual features"
+(B x n x D), so the global interaction still sees D-dim vectors while the cross-host exchange
+carries CR times fewer bytes. Each non-identity TM adds an interaction order inside the tower
+(the hierarchical interaction of DMT: inside towers first, then across them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.modules.crossnet import LowRankCrossNet
+
+from dmtrec.errors import ConfigError
+
+TM_KINDS = ("identity", "dlrm", "dcn")
+CRS = (1, 2, 4, 8, 16)
+
+
+class IdentityTM(nn.Module):
+    """SPTT only: the tower's embeddings cross hosts unchanged (CR = 1)."""
+
+    def __init__(self, num_features: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_outputs = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class DotTM(nn.Module):
+    """DLRM-style TM: in-tower pairwise dot products plus the embeddings, linearly projected.
+
+    out = reshape(W [flatten(X); triu(X X^T)] + b, n, D).
+    """
+
+    def __init__(self, num_features: int, embedding_dim: int, num_outputs: int) -> None:
+        super().__init__()
+        m, d = num_features, embedding_dim
+        self.num_outputs = num_outputs
+        self.register_buffer("triu", torch.triu_indices(m, m, offset=1), persistent=False)
+        self.proj = nn.Linear(m * d + m * (m - 1) // 2, num_outputs * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d = x.shape
+        dots = torch.bmm(x, x.transpose(1, 2))[:, self.triu[0], self.triu[1]]
+        z = torch.cat([x.reshape(b, -1), dots], dim=1)
+        return self.proj(z).view(b, self.num_outputs, d)
+
+
+class CrossTM(nn.Module):
+    """DCN-style TM: low-rank cross layers over the tower's concatenated embeddings, then a
+    low-rank projection (D*m -> rank -> D*n)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        embedding_dim: int,
+        num_outputs: int,
+        cross_layers: int = 1,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        width = num_features * embedding_dim
+        rank = rank or max(1, min(width, num_outputs * embedding_dim) // 2)
+        self.num_outputs = num_outputs
+        self.cross = LowRankCrossNet(width, cross_layers, rank)
+        self.down = nn.Linear(width, rank, bias=False)
+        self.up = nn.Linear(rank, num_outputs * embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, d = x.shape
+        z = self.cross(x.reshape(b, -1))
+        return self.up(self.down(z)).view(b, self.num_outputs, d)
+
+
+def make_tower_module(kind: str, num_features: int, embedding_dim: int, cr: int) -> nn.Module:
+    """Build a TM; errors name the option that is wrong (``--tm``, ``--cr``)."""
+    if kind not in TM_KINDS:
+        raise ConfigError(f"--tm: unknown tower module {kind!r}; choose from {', '.join(TM_KINDS)}")
+    if cr not in CRS:
+        raise ConfigError(f"--cr must be one of {', '.join(map(str, CRS))}, not {cr}")
+    if kind == "identity":
+        if cr != 1:
+            raise ConfigError(
+                f"--cr {cr}: the identity tower module does not compress (use --cr 1)"
+            )
+        return IdentityTM(num_features, embedding_dim)
+    if num_features % cr:
+        raise ConfigError(
+            f"--cr {cr} does not divide the tower width ({num_features} features): a tower of m "
+            f"features yields m/CR virtual features"
+        )
+    n = num_features // cr
+    if kind == "dlrm":
+        return DotTM(num_features, embedding_dim, n)
+    return CrossTM(num_features, embedding_dim, n)

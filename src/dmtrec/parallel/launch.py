@@ -1,0 +1,125 @@
+"""Process launch: H*L local gloo processes (emulated hosts), or whatever torchrun started.
+
+Locally, ``spawn`` starts one process per rank on this machine; rendezvous and gloo traffic
+stay on loopback (127.0.0.1, ``GLOO_SOCKET_IFNAME=lo``), every collective has a timeout, and
+the processes are joined (or killed) before ``spawn`` returns. Under ``torchrun`` (real
+clusters) the same worker runs with NCCL when CUDA is present: see the README.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dmtrec.errors import DmtrecError
+
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("DMTREC_DIST_TIMEOUT_S", "300")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_local(rank: int, world_size: int, port: int, local_world_size: int) -> None:
+    """Join a process group of local processes over loopback."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank % local_world_size),
+        LOCAL_WORLD_SIZE=str(local_world_size),
+    )
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        backend(),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=TIMEOUT,
+    )
+
+
+def _worker(
+    rank: int, world: int, local: int, port: int, fn: Callable, args: tuple, q: Any
+) -> None:
+    torch.set_num_threads(1)
+    try:
+        init_local(rank, world, port, local)
+        result = fn(*args)
+        q.put((rank, "ok", result))
+    except DmtrecError as e:
+        q.put((rank, "user", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, args: tuple, world_size: int, ranks_per_host: int) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` local processes; return each rank's result.
+
+    A worker's ``DmtrecError`` comes back as a ``DmtrecError``; any other failure as a
+    ``RuntimeError`` carrying the worker's traceback.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker, args=(r, world_size, ranks_per_host, port, fn, args, q), daemon=True
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        while len(results) < world_size:
+            if q.empty():
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})")
+                time.sleep(0.05)
+                continue
+            rank, status, payload = q.get()
+            if status == "user":
+                raise DmtrecError(payload)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed: {payload}")
+            results[rank] = payload
+        for p in procs:
+            p.join(timeout=TIMEOUT.total_seconds())
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world_size)]
+
+
+def run_single(fn: Callable, args: tuple) -> Any:
+    """Run ``fn`` in this process inside a one-rank group (TorchRec's fused kernels need one)."""
+    if dist.is_initialized():
+        return fn(*args)
+    init_local(0, 1, free_port(), 1)
+    try:
+        return fn(*args)
+    finally:
+        dist.destroy_process_group()

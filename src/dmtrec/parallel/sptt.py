@@ -1,0 +1,170 @@
+"""SPTT: the semantic-preserving tower transform, DMT's distributed dataflow.
+
+For N = H hosts x L ranks, local batch B, tower k placed on host h(k):
+
+1. ids to the towers' hosts: each rank sends the ids of host h's features (for its B samples)
+   to its peer on host h, over the cross-host *peer* group (H ranks, TorchRec ``KJTAllToAll``);
+   every rank of host h now holds its host's features for H*B samples;
+2. intra-host lookup: the host's tower tables are sharded over its L ranks (TorchRec
+   ``DistributedModelParallel`` on the intra-host group: table/row/column-wise);
+3. tower modules TM_k run on the pooled embeddings, replicated inside the host (DDP over the
+   intra-host group), compressing each tower by CR;
+4. TM outputs return to the samples' home ranks over the peer group (autograd all-to-all);
+5. the global head (interaction + top MLP) is data parallel over all N ranks (DDP).
+
+The model is ``dmtrec.models.MultiTower``'s math, unchanged: same TMs, same head, virtual
+features in tower order. Gradient scaling: the head's DDP averages over N; the tower side sums
+over the H*B samples a rank serves, and DDP / TorchRec divide by L inside the host, so the
+returning gradient is scaled by 1/H to make every gradient (1/N) sum over ranks, exactly the
+reference's mean loss over the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.dist_data import KJTAllToAll
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dmtrec.errors import ConfigError
+from dmtrec.models.common import make_ebc, stack_pooled, table_sizes, table_weights
+from dmtrec.models.dmt import MultiTower
+from dmtrec.parallel.comm import count_ddp
+from dmtrec.parallel.sharding import add_fused_embedding_optimizer, copy_table_weights, shard
+from dmtrec.parallel.topology import ProcessGroups
+
+
+def assign_towers(tower_sizes: list[int], hosts: int) -> list[int]:
+    """Host of each tower: largest first onto the least loaded host (LPT), ties to lower ids.
+
+    Every host needs at least one tower (its ranks would otherwise idle in the lookup).
+    """
+    if len(tower_sizes) < hosts:
+        raise ConfigError(
+            f"--towers {len(tower_sizes)} is fewer than --hosts {hosts}: SPTT places each "
+            f"tower on one host and every host needs a tower"
+        )
+    load = [0] * hosts
+    count = [0] * hosts
+    host = [0] * len(tower_sizes)
+    for k in sorted(range(len(tower_sizes)), key=lambda k: (-tower_sizes[k], k)):
+        # hosts without a tower first, then the least loaded
+        h = min(range(hosts), key=lambda h: (count[h] > 0, load[h], h))
+        host[k] = h
+        load[h] += tower_sizes[k]
+        count[h] += 1
+    return host
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g * ctx.scale, None
+
+
+class HostTowers(nn.Module):
+    """The tower modules of one host, applied to that host's pooled embeddings."""
+
+    def __init__(self, towers: list[list[str]], modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.towers = towers
+        self.tms = nn.ModuleList(modules)
+
+    def forward(self, pooled: KeyedTensor) -> torch.Tensor:
+        outs = [tm(stack_pooled(pooled, feats)) for tm, feats in zip(self.tms, self.towers)]
+        return torch.cat(outs, dim=1)  # (H*B) x n_host x D
+
+
+class SPTT(nn.Module):
+    """A ``MultiTower`` model distributed with SPTT over ``groups`` (see module docstring)."""
+
+    def __init__(
+        self,
+        model: MultiTower,
+        groups: ProcessGroups,
+        device: torch.device,
+        sharding_type: str = "table_wise",
+        sparse_optimizer: str = "rowwise_adagrad",
+        sparse_lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        topo = groups.topology
+        self.groups = groups
+        self.hosts = topo.hosts
+        self.host = topo.host_of(groups.rank)
+        towers = model.towers
+        self.tower_host = assign_towers([len(t) for t in towers], topo.hosts)
+        host_towers = [
+            [k for k in range(len(towers)) if self.tower_host[k] == h] for h in range(topo.hosts)
+        ]
+        host_features = [[f for k in ks for f in towers[k]] for ks in host_towers]
+        sizes = table_sizes(model.ebc)  # input KJT keys come in this (the data's) order
+        # 1. ids: KJT keys regrouped by destination host, then the peer-group all-to-all
+        position = {f: i for i, f in enumerate(sizes)}
+        self.host_order = [position[f] for fs in host_features for f in fs]
+        self.id_dist = KJTAllToAll(groups.peer, [len(fs) for fs in host_features])
+        # 2. this host's tables, sharded over its ranks, starting from the reference weights
+        self.dim = dim = model.ebc.embedding_bag_configs()[0].embedding_dim
+        ebc = make_ebc(sizes, dim, host_features[self.host])
+        add_fused_embedding_optimizer(ebc, sparse_optimizer, sparse_lr)
+        self.host_sparse = shard(
+            ebc, [ebc], groups.intra, sharding_type, device, topo.ranks_per_host
+        )
+        copy_table_weights(self.host_sparse, table_weights(model))
+        # 3. this host's tower modules, replicated in the host
+        mine = host_towers[self.host]
+        towers_mod = HostTowers(
+            [towers[k] for k in mine], [model.tower_modules[k] for k in mine]
+        ).to(device)
+        if any(p.requires_grad for p in towers_mod.parameters()):
+            towers_mod = DistributedDataParallel(towers_mod, process_group=groups.intra)
+            count_ddp(towers_mod)
+        self.host_towers = towers_mod
+        # 4. widths (numbers per sample) each host returns; reorder host-major -> tower order
+        outs = [model.tower_modules[k].num_outputs for k in range(len(towers))]
+        self.host_width = [sum(outs[k] for k in ks) * dim for ks in host_towers]
+        start = [sum(outs[:k]) for k in range(len(towers))]
+        self.register_buffer(
+            "virtual_order",
+            torch.argsort(
+                torch.tensor(
+                    [start[k] + j for ks in host_towers for k in ks for j in range(outs[k])]
+                )
+            ),
+            persistent=False,
+        )
+        # 5. the global head, data parallel over all ranks
+        head = model.head.to(device)
+        self.head = DistributedDataParallel(head, process_group=groups.world)
+        count_ddp(self.head)
+
+    @property
+    def fused_optimizer(self):
+        return self.host_sparse.fused_optimizer
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        b = dense.shape[0]
+        kjt = sparse.permute(self.host_order)
+        local = self.id_dist(kjt).wait().wait()  # this host's features, H*B samples
+        pooled = self.host_sparse(local)
+        out = self.host_towers(pooled)  # (H*B) x n_host x D, blocks of B per source host
+        mine = self.host_width[self.host]
+        recv = torch.empty(b * sum(self.host_width), dtype=out.dtype, device=out.device)
+        recv = dist_fn.all_to_all_single(
+            recv,
+            out.reshape(-1),
+            output_split_sizes=[b * w for w in self.host_width],
+            input_split_sizes=[b * mine] * self.hosts,
+            group=self.groups.peer,
+        )
+        blocks = [x.view(b, -1, self.dim) for x in recv.split([b * w for w in self.host_width])]
+        virtual = torch.cat(blocks, dim=1).index_select(1, self.virtual_order)
+        virtual = _ScaleGrad.apply(virtual, 1.0 / self.hosts)
+        return self.head(dense, virtual)
