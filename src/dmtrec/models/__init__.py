@@ -29,7 +29,9 @@ class ModelConfig:
     top: list[int] = field(default_factory=lambda: [64, 32])
     cross_layers: int = 3
     cross_rank: int = 16
-    towers: list[list[str]] | None = None  # None: the flat model
+    towers: list[list[str]] | None = None  # None: the flat model (unless num_towers > 0)
+    num_towers: int = 0  # with ``partition``: computed from the data's features
+    partition: str = "sequential"
     tm: str = "identity"
     cr: int = 1
 

@@ -9,6 +9,7 @@ clusters) the same worker runs with NCCL when CUDA is present: see the README.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import time
@@ -55,14 +56,39 @@ def init_local(rank: int, world_size: int, port: int, local_world_size: int) -> 
     )
 
 
+def quiet_libraries() -> None:
+    """Silence library noise users can't act on (fbgemm deprecations, planner reservations,
+    torch FutureWarnings) here and in the workers this process spawns."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ["DMTREC_QUIET"] = "1"
+    for name in ("torchrec", "torch", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes (env://): NCCL with CUDA, else gloo."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend(), init_method="env://", timeout=TIMEOUT)
+
+
 def _worker(
     rank: int, world: int, local: int, port: int, fn: Callable, args: tuple, q: Any
 ) -> None:
     torch.set_num_threads(1)
+    if os.environ.get("DMTREC_QUIET"):
+        quiet_libraries()
     try:
         init_local(rank, world, port, local)
         result = fn(*args)
-        q.put((rank, "ok", result))
+        # plain bytes: tensors put on a queue directly travel as shared-memory handles that
+        # die with this process before the parent reads them
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        q.put((rank, "ok", buf.getvalue()))
     except DmtrecError as e:
         q.put((rank, "user", str(e)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
@@ -103,7 +129,7 @@ def spawn(fn: Callable, args: tuple, world_size: int, ranks_per_host: int) -> li
                 raise DmtrecError(payload)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed: {payload}")
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         for p in procs:
             p.join(timeout=TIMEOUT.total_seconds())
     finally:
@@ -114,12 +140,13 @@ def spawn(fn: Callable, args: tuple, world_size: int, ranks_per_host: int) -> li
     return [results[r] for r in range(world_size)]
 
 
-def run_single(fn: Callable, args: tuple) -> Any:
+def run_single(fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
     """Run ``fn`` in this process inside a one-rank group (TorchRec's fused kernels need one)."""
+    kwargs = kwargs or {}
     if dist.is_initialized():
-        return fn(*args)
+        return fn(*args, **kwargs)
     init_local(0, 1, free_port(), 1)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         dist.destroy_process_group()

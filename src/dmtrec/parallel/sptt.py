@@ -22,7 +22,7 @@ reference's mean loss over the global batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.dist_data import KJTAllToAll
@@ -56,6 +56,28 @@ def assign_towers(tower_sizes: list[int], hosts: int) -> list[int]:
         load[h] += tower_sizes[k]
         count[h] += 1
     return host
+
+
+class _PeerAllToAll(torch.autograd.Function):
+    """Autograd all-to-all of a flat tensor (backward: the reverse exchange).
+
+    Written on ``dist.all_to_all_single`` (not the functional collectives) so that the
+    byte accounting sees it like every other exchange.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        grad = g.new_empty(sum(in_splits))
+        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad, None, None, None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -156,13 +178,8 @@ class SPTT(nn.Module):
         pooled = self.host_sparse(local)
         out = self.host_towers(pooled)  # (H*B) x n_host x D, blocks of B per source host
         mine = self.host_width[self.host]
-        recv = torch.empty(b * sum(self.host_width), dtype=out.dtype, device=out.device)
-        recv = dist_fn.all_to_all_single(
-            recv,
-            out.reshape(-1),
-            output_split_sizes=[b * w for w in self.host_width],
-            input_split_sizes=[b * mine] * self.hosts,
-            group=self.groups.peer,
+        recv = _PeerAllToAll.apply(
+            out.reshape(-1), [b * w for w in self.host_width], [b * mine] * self.hosts, self.groups.peer
         )
         blocks = [x.view(b, -1, self.dim) for x in recv.split([b * w for w in self.host_width])]
         virtual = torch.cat(blocks, dim=1).index_select(1, self.virtual_order)

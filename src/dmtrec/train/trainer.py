@@ -40,6 +40,7 @@ from dmtrec.parallel.sharding import (
 )
 from dmtrec.parallel.sptt import SPTT
 from dmtrec.parallel.topology import Topology, make_process_groups
+from dmtrec.partition import make_partition
 from dmtrec.train.metrics import quality
 
 PARALLEL = ("none", "baseline", "dmt")
@@ -127,6 +128,10 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         raise ConfigError(f"--hosts x --ranks-per-host = {topo.world_size} != world size {world}")
     torch.manual_seed(tcfg.seed)
     data = load_data(dcfg)
+    if mcfg.towers is None and mcfg.num_towers:
+        mcfg.towers = make_partition(
+            mcfg.partition, data.spec.sparse, mcfg.num_towers, data.spec.groups, tcfg.seed
+        )
     model = build_model(mcfg, data.spec)
     counter = CommCounter(topo, rank)
     with counter.install():

@@ -1,0 +1,298 @@
+"""``dmtrec`` command line: train, demo, bench.
+
+Every command that trains or measures writes a JSON of what it measured into ``--out``.
+User errors print one line (``dmtrec: error: ...``) and exit 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dmtrec.errors import ConfigError, DataError, DmtrecError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of option values (keys as the long options)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="synthetic | criteo | csv | parquet")
+    g.add_argument("--train", action="append", default=[], help="train file (repeatable)")
+    g.add_argument("--valid", action="append", default=[])
+    g.add_argument("--test", action="append", default=[])
+    g.add_argument("--label", help="label column (csv/parquet)")
+    g.add_argument("--dense", type=_names, default=[], help="dense columns a,b,c")
+    g.add_argument("--sparse", type=_names, default=[], help="sparse columns a,b,c")
+    g.add_argument("--table-size", type=int, default=100_000, help="criteo: rows per hashed table")
+    g.add_argument("--min-count", type=int, default=1, help="csv/parquet: vocabulary threshold")
+    g.add_argument("--max-bad-rows", type=int, default=100)
+    g.add_argument("--num-train", type=int, default=100_000, help="synthetic rows")
+    g.add_argument("--num-valid", type=int, default=10_000)
+    g.add_argument("--num-test", type=int, default=20_000)
+    g.add_argument("--num-sparse", type=int, default=26)
+    g.add_argument("--num-groups", type=int, default=4, help="synthetic planted groups")
+    g.add_argument("--rows", type=int, default=1000, help="synthetic rows per table")
+    g.add_argument("--order", type=int, default=2, help="synthetic interaction order (2 or 3)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="dlrm", help="dlrm | dcn")
+    g.add_argument("--embedding-dim", type=int, default=16)
+    g.add_argument("--bottom", type=_ints, default=[64, 32], help="bottom MLP sizes")
+    g.add_argument("--top", type=_ints, default=[64, 32], help="top MLP sizes (before the logit)")
+    g.add_argument("--towers", help="K (with --partition) or a towers.json")
+    g.add_argument("--partition", default="sequential", help="sequential | random | planted")
+    g.add_argument("--tm", default="identity", help="tower module: identity | dlrm | dcn")
+    g.add_argument("--cr", type=int, default=1, help="tower compression ratio (1,2,4,8,16)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=256, help="per rank")
+    g.add_argument("--lr", type=float, default=1e-3, help="dense (Adam) learning rate")
+    g.add_argument("--sparse-lr", type=float, default=0.05, help="embedding (row-wise Adagrad) lr")
+    g.add_argument("--dense-optimizer", default="adam")
+    g.add_argument("--sparse-optimizer", default="rowwise_adagrad")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    g.add_argument("--out", default="runs/train")
+    g.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--parallel", default="none", help="none | baseline | dmt")
+    g.add_argument("--hosts", type=int, default=1, help="emulated hosts (H)")
+    g.add_argument("--ranks-per-host", type=int, default=1, help="ranks per host (L)")
+    g.add_argument("--sharding", default="table_wise", help="table_wise | row_wise | ...")
+
+
+def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config`` become defaults that the command line overrides."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    import yaml
+
+    path = args.config
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise DataError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping of option: value")
+    known = {a.dest for a in parser._actions}
+    defaults: dict[str, Any] = {}
+    for key, value in doc.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest == "config":
+            raise ConfigError(f"{path}: unknown option {key!r}")
+        action = next(a for a in parser._actions if a.dest == dest)
+        if action.type is not None and isinstance(value, str):
+            value = action.type(value)
+        elif dest in ("train", "valid", "test") and isinstance(value, str):
+            value = [value]
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(DataConfig, ModelConfig, TrainConfig) from parsed options."""
+    from dmtrec.data import DataConfig
+    from dmtrec.models import ModelConfig
+    from dmtrec.partition import load_towers
+    from dmtrec.train.trainer import TrainConfig
+
+    dcfg = DataConfig(
+        kind=args.data,
+        train=args.train,
+        valid=args.valid,
+        test=args.test,
+        label=args.label,
+        dense=args.dense,
+        sparse=args.sparse,
+        table_size=args.table_size,
+        min_count=args.min_count,
+        max_bad_rows=args.max_bad_rows,
+        synthetic=dict(
+            num_train=args.num_train,
+            num_valid=args.num_valid,
+            num_test=args.num_test,
+            num_sparse=args.num_sparse,
+            num_groups=args.num_groups,
+            table_size=args.rows,
+            order=args.order,
+            seed=args.seed,
+        ),
+    )
+    towers, num_towers = None, 0
+    if args.towers:
+        if args.towers.isdigit() or (args.towers.startswith("-") and args.towers[1:].isdigit()):
+            num_towers = int(args.towers)
+            if num_towers < 1:
+                raise ConfigError(f"--towers must be >= 1, not {num_towers}")
+        else:
+            towers = load_towers(args.towers)
+    mcfg = ModelConfig(
+        model=args.model,
+        embedding_dim=args.embedding_dim,
+        bottom=args.bottom,
+        top=args.top,
+        towers=towers,
+        num_towers=num_towers,
+        partition=args.partition,
+        tm=args.tm,
+        cr=args.cr,
+    )
+    mcfg.validate()
+    tcfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        sparse_lr=args.sparse_lr,
+        dense_optimizer=args.dense_optimizer,
+        sparse_optimizer=args.sparse_optimizer,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        out=args.out,
+        parallel=args.parallel,
+        hosts=args.hosts,
+        ranks_per_host=args.ranks_per_host,
+        sharding=args.sharding,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    tcfg.validate()
+    if args.parallel == "dmt" and not args.towers:
+        raise ConfigError("--parallel dmt needs --towers (K or a towers.json)")
+    return dcfg, mcfg, tcfg
+
+
+def run_train(dcfg, mcfg, tcfg) -> dict[str, Any]:
+    """Train in this process (``none``) or on hosts x ranks local processes; return metrics."""
+    from dmtrec.parallel.launch import run_single, spawn
+    from dmtrec.train.trainer import train_worker, write_metrics
+
+    world = tcfg.hosts * tcfg.ranks_per_host
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
+        from dmtrec.parallel.launch import init_from_env
+
+        init_from_env()
+        metrics = train_worker(dcfg, mcfg, tcfg)
+        if int(os.environ["RANK"]) != 0:
+            return metrics
+    elif tcfg.parallel == "none":
+        metrics = run_single(train_worker, (dcfg, mcfg, tcfg))
+    else:
+        metrics = spawn(train_worker, (dcfg, mcfg, tcfg), world, tcfg.ranks_per_host)[0]
+    write_metrics(tcfg.out, metrics)
+    return metrics
+
+
+def _summary(m: dict[str, Any]) -> str:
+    parts = [f"{m['model']} parallel={m['parallel']}"]
+    if m.get("towers"):
+        parts.append(f"towers={len(m['towers'])} tm={m['tm']} cr={m['cr']}")
+    parts.append(
+        f"{m['eval_split']} auc={m['auc']:.4f} logloss={m['logloss']:.4f} ne={m['ne']:.4f}"
+    )
+    if "oracle_auc" in m:
+        parts.append(f"oracle_auc={m['oracle_auc']:.4f}")
+    parts.append(f"{m['examples_per_s']:.0f} ex/s")
+    if "comm" in m:
+        parts.append(f"cross-host {m['comm']['cross_host_bytes_per_step'] / 1e6:.3f} MB/step")
+    if m.get("skipped_rows"):
+        parts.append(f"skipped_rows={m['skipped_rows']}")
+    return "  ".join(parts)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    dcfg, mcfg, tcfg = configs_from_args(args)
+    m = run_train(dcfg, mcfg, tcfg)
+    if m:
+        print(_summary(m))
+        print(f"wrote {Path(tcfg.out) / 'metrics.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dmtrec`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="dmtrec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train and evaluate a model; writes OUT/metrics.json")
+    _add_train_args(p_train)
+    p_demo = sub.add_parser(
+        "demo", help="flat vs hybrid-parallel baseline vs DMT on synthetic data"
+    )
+    p_demo.add_argument("--out", default="runs/demo")
+    p_bench = sub.add_parser("bench", help="benchmarks; each writes a JSON into --out")
+    bsub = p_bench.add_subparsers(dest="bench", required=True)
+    p_flat = bsub.add_parser("flat", help="dmtrec DLRM vs torchrec.models.dlrm.DLRM throughput")
+    p_flat.add_argument("--out", default="runs/bench_flat")
+    p_flat.add_argument("--batch-size", type=int, default=2048)
+    p_flat.add_argument("--steps", type=int, default=20)
+    p_flat.add_argument("--table-size", type=int, default=100_000)
+    try:
+        if argv and argv[0] == "train":
+            args = _apply_yaml(p_train, argv[1:])
+            args.command = "train"
+        else:
+            args = parser.parse_args(argv)
+        from dmtrec.parallel.launch import quiet_libraries
+
+        quiet_libraries()
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "demo":
+            from dmtrec.demo import run_demo
+
+            return run_demo(args.out)
+        if args.command == "bench" and args.bench == "flat":
+            from dmtrec.bench.flat import bench_flat
+            from dmtrec.parallel.launch import run_single
+
+            r = run_single(
+                bench_flat,
+                (args.out,),
+                dict(batch_size=args.batch_size, steps=args.steps, table_size=args.table_size),
+            )
+            print(json.dumps({k: r[k] for k in r if k != "config"}, indent=1))
+            return 0
+    except DmtrecError as e:
+        print(f"dmtrec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dmtrec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - never a bare traceback to a user
+        if os.environ.get("DMTREC_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(
+            f"dmtrec: internal error: {type(e).__name__}: {msg} (DMTREC_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
