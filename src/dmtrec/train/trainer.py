@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from dmtrec.data import DataConfig, load_data, shard_rows
 from dmtrec.errors import ConfigError
@@ -119,6 +120,15 @@ def _save(out: str, rank: int, state: dict[str, Any]) -> None:
     os.replace(tmp, d / f"rank{rank}.pt")
 
 
+def _snapshot(wrapped, optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": wrapped.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "state": {**state, "losses": list(state["losses"])},
+    }
+
+
 def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
     """Train and evaluate on this rank (inside a process group); rank 0 returns the metrics."""
     tcfg.validate()
@@ -170,6 +180,10 @@ def _loop(data, wrapped, optimizer, counter: CommCounter, tcfg: TrainConfig, ran
         if not ckpt.exists():
             raise ConfigError(f"--resume: no checkpoint at {ckpt}")
         saved = torch.load(ckpt, weights_only=False)
+        for _, opt in optimizer.optimizers:
+            if isinstance(opt, KeyedOptimizerWrapper):
+                opt.init_state()  # Adam's state is lazy; loading fills it in place
+        optimizer.zero_grad(set_to_none=True)
         wrapped.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
@@ -213,16 +227,7 @@ def _loop(data, wrapped, optimizer, counter: CommCounter, tcfg: TrainConfig, ran
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.4f}")
             if tcfg.checkpoint_every and state["step"] % tcfg.checkpoint_every == 0:
-                _save(
-                    tcfg.out,
-                    rank,
-                    {
-                        "model": wrapped.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "state": {**state, "losses": list(state["losses"])},
-                    },
-                )
+                _save(tcfg.out, rank, _snapshot(wrapped, optimizer, state))
             if tcfg.max_steps and state["step"] >= tcfg.max_steps:
                 done = True
                 break
@@ -231,6 +236,7 @@ def _loop(data, wrapped, optimizer, counter: CommCounter, tcfg: TrainConfig, ran
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
     if bar is not None:
         bar.close()
+    _save(tcfg.out, rank, _snapshot(wrapped, optimizer, state))  # the trained model
     counter.enabled = False  # per-step accounting covers training steps only
     split = "test" if "test" in data.splits else "valid"
     if split not in data.splits:

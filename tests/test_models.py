@@ -1,0 +1,97 @@
+"""Model math against hand computations, and the multi-tower model's contracts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dmtrec.data.base import FeatureSpec, make_batch
+from dmtrec.errors import ConfigError
+from dmtrec.models import ModelConfig, build_model
+from dmtrec.models.common import FlatModel
+from dmtrec.models.tower_modules import CrossTM, DotTM, make_tower_module
+
+SPEC = FeatureSpec(dense=["d1", "d2"], sparse=["a", "b", "c"], num_embeddings=[5, 6, 7])
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def test_dlrm_forward_equals_hand_computation() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embedding_dim=4, bottom=[3], top=[5]), SPEC)
+    rng = np.random.default_rng(1)
+    dense = rng.standard_normal((2, 2)).astype(np.float32)
+    ids = np.array([[0, 5, 6], [4, 1, 2]])
+    batch = make_batch(dense, ids, np.zeros(2), SPEC.sparse)
+    got = model(batch.dense_features, batch.sparse_features).detach().numpy()
+
+    p = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    tables = [p[f"ebc.embedding_bags.t_{f}.weight"] for f in SPEC.sparse]
+    bottom = [k for k in p if k.startswith("head.dense_arch") and k.endswith("weight")]
+    top = [k for k in p if k.startswith("head.over_arch") and k.endswith("weight")]
+    assert len(bottom) == 2 and len(top) == 2
+    for i in range(2):
+        x = dense[i].astype(np.float64)
+        for w in bottom:  # bottom MLP: ReLU after every layer (the last one gives D)
+            x = _relu(p[w] @ x + p[w[: -len("weight")] + "bias"])
+        vecs = [x] + [tables[f][ids[i, f]] for f in range(3)]
+        dots = [vecs[a] @ vecs[b] for a in range(4) for b in range(a + 1, 4)]
+        z = np.concatenate([x, dots])
+        h = _relu(p[top[0]] @ z + p[top[0][:-6] + "bias"])  # top MLP hidden layer
+        logit = p[top[1]] @ h + p[top[1][:-6] + "bias"]  # final linear layer: the logit
+        assert got[i] == pytest.approx(float(logit[0]), abs=1e-5)
+
+
+def test_dot_tower_module_formula() -> None:
+    torch.manual_seed(0)
+    tm = DotTM(num_features=3, embedding_dim=2, num_outputs=1)
+    x = torch.randn(4, 3, 2)
+    dots = torch.stack([(x[:, i] * x[:, j]).sum(-1) for i in range(3) for j in range(i + 1, 3)], 1)
+    z = torch.cat([x.reshape(4, -1), dots], 1)
+    expected = (z @ tm.proj.weight.T + tm.proj.bias).view(4, 1, 2)
+    assert torch.allclose(tm(x), expected, atol=1e-6)
+
+
+def test_cross_tower_module_compresses() -> None:
+    tm = CrossTM(num_features=4, embedding_dim=8, num_outputs=1)
+    out = tm(torch.randn(5, 4, 8))
+    assert out.shape == (5, 1, 8)
+    assert sum(p.numel() for p in tm.parameters()) > 0
+
+
+def test_identity_towers_equal_flat_model_in_tower_order() -> None:
+    towers = [["c", "a"], ["b"]]
+    torch.manual_seed(0)
+    mt = build_model(ModelConfig(embedding_dim=4, towers=towers, tm="identity"), SPEC)
+    flat = FlatModel(mt.ebc, mt.head, ["c", "a", "b"])
+    batch = make_batch(np.ones((3, 2)), np.array([[0, 1, 2], [1, 2, 3], [4, 5, 6]]), np.zeros(3), SPEC.sparse)
+    assert torch.equal(mt(batch.dense_features, batch.sparse_features), flat(batch.dense_features, batch.sparse_features))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(towers=[["a"], ["b"], ["c"], []]), "at least one feature"),
+        (dict(towers=[["a", "b"], ["x", "c"]]), "unknown feature(s): x"),
+        (dict(towers=[["a", "b"]]), "in no tower: c"),
+        (dict(towers=[["a", "b"], ["b", "c"]]), "more than one tower: b"),
+        (dict(towers=[["a", "b"], ["c"]], tm="mystery"), "--tm: unknown tower module 'mystery'"),
+        (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=2), "--cr 2 does not divide the tower width (1 features)"),
+        (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=3), "--cr must be one of"),
+        (dict(towers=[["a", "b"], ["c"]], tm="identity", cr=2), "identity tower module does not compress"),
+        (dict(model="xgboost"), "--model: unknown model 'xgboost'"),
+    ],
+)
+def test_bad_model_options_are_clear(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(**kwargs), SPEC)
+    assert message in str(e.value)
+
+
+def test_make_tower_module_output_count() -> None:
+    for cr in (1, 2, 4, 8):
+        tm = make_tower_module("dlrm", 8, 4, cr)
+        assert tm(torch.randn(2, 8, 4)).shape == (2, 8 // cr, 4)
