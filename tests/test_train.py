@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dmtrec.cli import main
@@ -17,16 +18,36 @@ SMALL = ["--num-sparse", "8", "--num-groups", "2", "--rows", "20", "--num-test",
 FAST = ["--batch-size", "128", "--lr", "3e-3", "--sparse-lr", "0.2", "--no-progress"]
 
 
-def test_flat_dlrm_reaches_oracle_auc(tmp_path: Path) -> None:
+def _cli_train(out: Path, *extra: str) -> dict:
+    args = ["train", *SMALL, *FAST, "--num-train", "50000", "--epochs", "3", "--out", str(out), *extra]
+    assert main(args) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def flat_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _cli_train(tmp_path_factory.mktemp("flat"))
+
+
+def test_flat_dlrm_reaches_oracle_auc(flat_metrics: dict) -> None:
     """Small default-shaped synthetic data: the flat DLRM gets within 0.03 of the oracle AUC."""
-    assert main(["train", *SMALL, *FAST, "--num-train", "50000", "--epochs", "3", "--out", str(tmp_path)]) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    m = flat_metrics
     for key in ("auc", "logloss", "ne", "examples_per_s", "train_examples", "eval_examples", "skipped_rows", "model", "oracle_auc"):
         assert key in m, key
     assert m["train_examples"] == 3 * 50000  # one process: the short last batch trains too
     assert m["eval_examples"] == 10000 and m["model"] == "dlrm"
     assert m["auc"] >= m["oracle_auc"] - 0.03, (m["auc"], m["oracle_auc"])
     assert m["ne"] < 0.85
+
+
+def test_dmt_with_planted_towers_keeps_flat_quality(flat_metrics: dict, tmp_path: Path) -> None:
+    """Towers aligned to the planted groups, TM dlrm, CR=2: AUC within 0.005 of the flat model.
+
+    Single-process DMT reference (the distributed SPTT computes exactly this: test_parallel).
+    """
+    m = _cli_train(tmp_path, "--towers", "2", "--partition", "planted", "--tm", "dlrm", "--cr", "2")
+    assert m["towers"] is not None and len(m["towers"]) == 2 and m["tm"] == "dlrm" and m["cr"] == 2
+    assert abs(m["auc"] - flat_metrics["auc"]) <= 0.005, (m["auc"], flat_metrics["auc"])
 
 
 def _train(out: Path, max_steps: int, resume: bool = False, checkpoint_every: int = 0) -> dict:

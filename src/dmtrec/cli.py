@@ -180,8 +180,15 @@ def configs_from_args(args: argparse.Namespace):
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     tcfg.validate()
-    if args.parallel == "dmt" and not args.towers:
-        raise ConfigError("--parallel dmt needs --towers (K or a towers.json)")
+    if args.parallel == "dmt":
+        if not args.towers:
+            raise ConfigError("--parallel dmt needs --towers (K or a towers.json)")
+        k = num_towers or len(towers or [])
+        if k < args.hosts:
+            raise ConfigError(
+                f"--towers {k} is fewer than --hosts {args.hosts}: SPTT places each tower on one "
+                "host and every host needs a tower"
+            )
     return dcfg, mcfg, tcfg
 
 

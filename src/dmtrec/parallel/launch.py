@@ -145,8 +145,11 @@ def run_single(fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
     kwargs = kwargs or {}
     if dist.is_initialized():
         return fn(*args, **kwargs)
+    saved = dict(os.environ)
     init_local(0, 1, free_port(), 1)
     try:
         return fn(*args, **kwargs)
     finally:
         dist.destroy_process_group()
+        os.environ.clear()  # init_local's RANK/WORLD_SIZE would look like a torchrun launch
+        os.environ.update(saved)

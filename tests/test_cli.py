@@ -1,0 +1,82 @@
+"""The command line: one-line errors naming the option/file, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dmtrec.cli import main
+from dmtrec.errors import ConfigError
+from dmtrec.parallel.sptt import assign_towers
+from dmtrec.parallel.topology import Topology
+
+
+def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dmtrec: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--towers", "30"], "--towers 30 exceeds the number of sparse features (26)"),
+        (["--towers", "0"], "--towers must be >= 1"),
+        (["--towers", "4", "--tm", "dlrm", "--cr", "4"], "--cr 4 does not divide the tower width"),
+        (["--towers", "2", "--tm", "magic"], "--tm: unknown tower module 'magic'"),
+        (["--parallel", "dmt", "--hosts", "2", "--ranks-per-host", "2"], "--parallel dmt needs --towers"),
+        (["--parallel", "dmt", "--towers", "1", "--hosts", "2", "--ranks-per-host", "1"], "--towers 1 is fewer than --hosts 2"),
+        (["--parallel", "fast"], "--parallel: unknown 'fast'"),
+        (["--model", "gbdt"], "--model: unknown model 'gbdt'"),
+        (["--data", "criteo", "--train", "/nonexistent/day_0.gz"], "/nonexistent/day_0.gz: no such file"),
+        (["--data", "csv", "--train", "x.csv"], "needs --label and --sparse"),
+        (["--hosts", "2"], "need --parallel baseline or dmt"),
+    ],
+)
+def test_bad_train_options(capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], message: str) -> None:
+    err = _error(capsys, ["train", "--num-train", "100", "--num-test", "100", "--out", str(tmp_path), *argv])
+    assert message in err
+
+
+def test_config_file_values_and_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    assert "bad.yaml: unknown option 'learning_rate'" in _error(capsys, ["train", "--config", str(bad_key)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: 1\nmodel: [dlrm\n")
+    assert "broken.yaml:3:1: invalid YAML" in _error(capsys, ["train", "--config", str(broken)])
+    good = tmp_path / "good.yaml"
+    good.write_text("model: nope\n")
+    # a config value is used (and validated) unless the command line overrides it
+    assert "unknown model 'nope'" in _error(capsys, ["train", "--config", str(good)])
+
+
+def test_towers_json_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    bad = tmp_path / "towers.json"
+    bad.write_text('{"towers": [["C1", "C2"], ')
+    assert "towers.json:1:" in _error(capsys, ["train", "--towers", str(bad)])
+    unknown = tmp_path / "t2.json"
+    unknown.write_text('{"towers": [["C1", "Z9"]]}')
+    err = _error(capsys, ["train", "--num-train", "10", "--num-test", "10", "--towers", str(unknown), "--out", str(tmp_path)])
+    assert "unknown feature(s): Z9" in err
+
+
+def test_topology_from_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    t = Topology.from_env()
+    assert (t.hosts, t.ranks_per_host) == (2, 4)
+    assert t.peer_ranks(1) == [1, 5] and t.host_ranks(1) == [4, 5, 6, 7]
+    assert t.link(0, 3) == "intra" and t.link(3, 4) == "cross" and t.link(2, 2) == "local"
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ConfigError, match="LOCAL_WORLD_SIZE=4 .* does not divide WORLD_SIZE=6"):
+        Topology.from_env()
+
+
+def test_assign_towers_balances_hosts() -> None:
+    assert assign_towers([4, 1, 3], 2) == [0, 1, 1]
+    assert sorted(assign_towers([2, 2, 2, 2], 2)) == [0, 0, 1, 1]
+    with pytest.raises(ConfigError):
+        assign_towers([3], 2)
