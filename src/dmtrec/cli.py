@@ -29,8 +29,7 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of option values (keys as the long options)")
+def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="synthetic | criteo | csv | parquet")
     g.add_argument("--train", action="append", default=[], help="train file (repeatable)")
@@ -49,13 +48,38 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-groups", type=int, default=4, help="synthetic planted groups")
     g.add_argument("--rows", type=int, default=1000, help="synthetic rows per table")
     g.add_argument("--order", type=int, default=2, help="synthetic interaction order (2 or 3)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_partition_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tower partitioner (--method/--partition learned)")
+    g.add_argument("--interaction", default="mixed", help="S measure: mixed | dot | attribution")
+    g.add_argument(
+        "--partition-cost", default="count", help="balance: count | lookup | memory | both"
+    )
+    g.add_argument(
+        "--imbalance-tolerance", type=float, default=None, help="max tower cost / mean - 1"
+    )
+    g.add_argument(
+        "--host-memory", type=float, default=None, help="bytes of tables a tower may hold"
+    )
+    g.add_argument("--embed-dim", type=int, default=None, help="spectral embedding dim (default K)")
+    g.add_argument("--probe-steps", type=int, default=300, help="steps of the flat probe model")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of option values (keys as the long options)")
+    _add_data_args(p)
+    _add_partition_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="dlrm", help="dlrm | dcn")
     g.add_argument("--embedding-dim", type=int, default=16)
     g.add_argument("--bottom", type=_ints, default=[64, 32], help="bottom MLP sizes")
     g.add_argument("--top", type=_ints, default=[64, 32], help="top MLP sizes (before the logit)")
     g.add_argument("--towers", help="K (with --partition) or a towers.json")
-    g.add_argument("--partition", default="sequential", help="sequential | random | planted")
+    g.add_argument(
+        "--partition", default="sequential", help="sequential | random | planted | learned"
+    )
     g.add_argument("--tm", default="identity", help="tower module: identity | dlrm | dcn")
     g.add_argument("--cr", type=int, default=1, help="tower compression ratio (1,2,4,8,16)")
     g = p.add_argument_group("training")
@@ -65,7 +89,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-lr", type=float, default=0.05, help="embedding (row-wise Adagrad) lr")
     g.add_argument("--dense-optimizer", default="adam")
     g.add_argument("--sparse-optimizer", default="rowwise_adagrad")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=0)
     g.add_argument("--checkpoint-every", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
@@ -112,14 +135,10 @@ def _apply_yaml(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     return parser.parse_args(argv)
 
 
-def configs_from_args(args: argparse.Namespace):
-    """(DataConfig, ModelConfig, TrainConfig) from parsed options."""
+def data_config_from_args(args: argparse.Namespace):
     from dmtrec.data import DataConfig
-    from dmtrec.models import ModelConfig
-    from dmtrec.partition import load_towers
-    from dmtrec.train.trainer import TrainConfig
 
-    dcfg = DataConfig(
+    return DataConfig(
         kind=args.data,
         train=args.train,
         valid=args.valid,
@@ -141,6 +160,31 @@ def configs_from_args(args: argparse.Namespace):
             seed=args.seed,
         ),
     )
+
+
+def partition_config_from_args(args: argparse.Namespace, towers: int, method: str):
+    from dmtrec.train.partition_job import PartitionConfig
+
+    return PartitionConfig(
+        towers=towers,
+        method=method,
+        interaction=args.interaction,
+        cost=args.partition_cost,
+        tolerance=args.imbalance_tolerance,
+        host_memory=args.host_memory,
+        embed_dim=args.embed_dim,
+        probe_steps=args.probe_steps,
+        seed=args.seed,
+    )
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(DataConfig, ModelConfig, TrainConfig) from parsed options."""
+    from dmtrec.models import ModelConfig
+    from dmtrec.partition import load_towers
+    from dmtrec.train.trainer import TrainConfig
+
+    dcfg = data_config_from_args(args)
     towers, num_towers = None, 0
     if args.towers:
         if args.towers.isdigit() or (args.towers.startswith("-") and args.towers[1:].isdigit()):
@@ -232,10 +276,30 @@ def _summary(m: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     dcfg, mcfg, tcfg = configs_from_args(args)
+    if mcfg.num_towers and mcfg.partition == "learned":
+        from dmtrec.parallel.launch import run_single
+        from dmtrec.train.partition_job import partition_worker, write_partition
+
+        pcfg = partition_config_from_args(args, mcfg.num_towers, "learned")
+        result = run_single(partition_worker, (dcfg, pcfg))
+        write_partition(str(Path(tcfg.out) / "partition"), result)
+        mcfg.towers, mcfg.num_towers = result["towers"], 0
     m = run_train(dcfg, mcfg, tcfg)
     if m:
         print(_summary(m))
         print(f"wrote {Path(tcfg.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from dmtrec.parallel.launch import run_single
+    from dmtrec.train.partition_job import partition_worker, write_partition
+
+    pcfg = partition_config_from_args(args, args.towers, args.method)
+    result = run_single(partition_worker, (data_config_from_args(args), pcfg))
+    path = write_partition(args.out, result)
+    print((Path(args.out) / "report.txt").read_text().rstrip())
+    print(f"wrote {path}")
     return 0
 
 
@@ -246,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train and evaluate a model; writes OUT/metrics.json")
     _add_train_args(p_train)
+    p_part = sub.add_parser("partition", help="feature-to-tower partition; writes OUT/towers.json")
+    _add_data_args(p_part)
+    _add_partition_args(p_part)
+    p_part.add_argument("--towers", type=int, required=True, help="number of towers K")
+    p_part.add_argument("--method", default="learned", help="learned | sequential | random")
+    p_part.add_argument("--out", default="runs/partition")
     p_demo = sub.add_parser(
         "demo", help="flat vs hybrid-parallel baseline vs DMT on synthetic data"
     )
@@ -257,6 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     p_flat.add_argument("--batch-size", type=int, default=2048)
     p_flat.add_argument("--steps", type=int, default=20)
     p_flat.add_argument("--table-size", type=int, default=100_000)
+    p_dmt = bsub.add_parser(
+        "dmt", help="DMT vs hybrid-parallel baseline on an emulated 2-tier network"
+    )
+    p_dmt.add_argument("--out", default="runs/bench_dmt")
+    p_dmt.add_argument("--hosts", type=int, default=2)
+    p_dmt.add_argument("--ranks-per-host", type=int, default=2)
+    p_dmt.add_argument("--link", default="netns", choices=["netns", "none"])
+    p_dmt.add_argument("--cross-mbit", type=float, default=100.0, help="cross-host link Mbit/s")
+    p_dmt.add_argument("--ratio", type=float, default=48.0, help="intra/cross bandwidth ratio")
+    p_dmt.add_argument("--batch-size", type=int, default=256, help="per rank")
+    p_dmt.add_argument("--num-sparse", type=int, default=32)
+    p_dmt.add_argument("--towers", type=int, default=4)
+    p_dmt.add_argument("--crs", type=_ints, default=[1, 2, 4, 8])
+    p_dmt.add_argument("--warmup", type=int, default=3)
+    p_dmt.add_argument("--steps", type=int, default=10)
     try:
         if argv and argv[0] == "train":
             args = _apply_yaml(p_train, argv[1:])
@@ -268,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "partition":
+            return cmd_partition(args)
         if args.command == "demo":
             from dmtrec.demo import run_demo
 
@@ -282,6 +369,25 @@ def main(argv: list[str] | None = None) -> int:
                 dict(batch_size=args.batch_size, steps=args.steps, table_size=args.table_size),
             )
             print(json.dumps({k: r[k] for k in r if k != "config"}, indent=1))
+            return 0
+        if args.command == "bench" and args.bench == "dmt":
+            from dmtrec.bench.dmt import bench_dmt
+
+            bench_dmt(
+                args.out,
+                hosts=args.hosts,
+                ranks_per_host=args.ranks_per_host,
+                link=args.link,
+                cross_mbit=args.cross_mbit,
+                ratio=args.ratio,
+                batch_size=args.batch_size,
+                num_sparse=args.num_sparse,
+                towers=args.towers,
+                crs=tuple(args.crs),
+                warmup=args.warmup,
+                steps=args.steps,
+            )
+            print(f"wrote {Path(args.out) / 'bench.json'}")
             return 0
     except DmtrecError as e:
         print(f"dmtrec: error: {e}", file=sys.stderr)

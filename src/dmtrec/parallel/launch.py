@@ -75,27 +75,43 @@ def init_from_env() -> None:
     dist.init_process_group(backend(), init_method="env://", timeout=TIMEOUT)
 
 
-def _worker(
-    rank: int, world: int, local: int, port: int, fn: Callable, args: tuple, q: Any
-) -> None:
+def run_rank(rank: int, init: Callable[[], None], fn: Callable, args: tuple) -> tuple[str, Any]:
+    """Body of every worker process: join the group, run ``fn``, return (status, payload).
+
+    The payload is plain bytes (``torch.save``): tensors sent between processes directly
+    travel as shared-memory handles that die with the worker before the parent reads them.
+    """
     torch.set_num_threads(1)
     if os.environ.get("DMTREC_QUIET"):
         quiet_libraries()
     try:
-        init_local(rank, world, port, local)
+        init()
         result = fn(*args)
-        # plain bytes: tensors put on a queue directly travel as shared-memory handles that
-        # die with this process before the parent reads them
         buf = io.BytesIO()
         torch.save(result, buf)
-        q.put((rank, "ok", buf.getvalue()))
+        return "ok", buf.getvalue()
     except DmtrecError as e:
-        q.put((rank, "user", str(e)))
+        return "user", str(e)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
-        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _worker(
+    rank: int, world: int, local: int, port: int, fn: Callable, args: tuple, q: Any
+) -> None:
+    status, payload = run_rank(rank, lambda: init_local(rank, world, port, local), fn, args)
+    q.put((rank, status, payload))
+
+
+def _result(rank: int, status: str, payload: Any) -> Any:
+    if status == "user":
+        raise DmtrecError(payload)
+    if status == "error":
+        raise RuntimeError(f"rank {rank} failed: {payload}")
+    return torch.load(io.BytesIO(payload), weights_only=False)
 
 
 def spawn(fn: Callable, args: tuple, world_size: int, ranks_per_host: int) -> list[Any]:
@@ -125,11 +141,7 @@ def spawn(fn: Callable, args: tuple, world_size: int, ranks_per_host: int) -> li
                 time.sleep(0.05)
                 continue
             rank, status, payload = q.get()
-            if status == "user":
-                raise DmtrecError(payload)
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed: {payload}")
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            results[rank] = _result(rank, status, payload)
         for p in procs:
             p.join(timeout=TIMEOUT.total_seconds())
     finally:
@@ -153,3 +165,100 @@ def run_single(fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
         dist.destroy_process_group()
         os.environ.clear()  # init_local's RANK/WORLD_SIZE would look like a torchrun launch
         os.environ.update(saved)
+
+
+def spawn_in_hosts(fn: Callable, args: tuple, hosts, ranks_per_host: int) -> list[Any]:
+    """Like ``spawn``, but each rank runs inside its emulated host's network namespace.
+
+    ``hosts`` is an entered ``netem.EmulatedHosts``. Ranks are started with ``ip netns exec``;
+    rendezvous is at host 0's address; gloo binds to the host's veth (``GLOO_SOCKET_IFNAME``).
+    """
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    world = hosts.hosts * ranks_per_host
+    port = 29400 + os.getpid() % 1000
+    with tempfile.TemporaryDirectory(prefix="dmtrec-netns-") as tmp:
+        job = os.path.join(tmp, "job.pkl")
+        with open(job, "wb") as f:
+            pickle.dump((fn, args), f)
+        procs = []
+        for rank in range(world):
+            h = rank // ranks_per_host
+            env = dict(
+                os.environ,
+                MASTER_ADDR=hosts.addresses[0],
+                MASTER_PORT=str(port),
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank % ranks_per_host),
+                LOCAL_WORLD_SIZE=str(ranks_per_host),
+                GLOO_SOCKET_IFNAME=hosts.ifnames[h],
+            )
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                hosts.namespaces[h],
+                sys.executable,
+                "-m",
+                "dmtrec.parallel.launch",
+                job,
+                tmp,
+            ]
+            procs.append(subprocess.Popen(cmd, env=env))
+        deadline = time.monotonic() + TIMEOUT.total_seconds() * 2
+        try:
+            while any(p.poll() is None for p in procs):
+                failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            results = []
+            for rank in range(world):
+                out = os.path.join(tmp, f"rank{rank}.pkl")
+                if not os.path.exists(out):
+                    code = procs[rank].poll()
+                    raise RuntimeError(
+                        f"rank {rank} in {hosts.namespaces[rank // ranks_per_host]} ended without a result (exit {code})"
+                    )
+                with open(out, "rb") as f:
+                    results.append(_result(rank, *pickle.load(f)))
+            return results
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def _netns_main(job: str, out_dir: str) -> None:
+    """Entry of a rank started by ``spawn_in_hosts`` (``python -m dmtrec.parallel.launch``)."""
+    import pickle
+
+    rank = int(os.environ["RANK"])
+    with open(job, "rb") as f:
+        fn, args = pickle.load(f)
+
+    def init() -> None:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            rank=rank,
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=TIMEOUT,
+        )
+
+    status, payload = run_rank(rank, init, fn, args)
+    tmp = os.path.join(out_dir, f"rank{rank}.pkl.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((status, payload), f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pkl"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _netns_main(sys.argv[1], sys.argv[2])

@@ -66,7 +66,9 @@ class _PeerAllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group
+    ) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty(sum(out_splits))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
@@ -179,7 +181,10 @@ class SPTT(nn.Module):
         out = self.host_towers(pooled)  # (H*B) x n_host x D, blocks of B per source host
         mine = self.host_width[self.host]
         recv = _PeerAllToAll.apply(
-            out.reshape(-1), [b * w for w in self.host_width], [b * mine] * self.hosts, self.groups.peer
+            out.reshape(-1),
+            [b * w for w in self.host_width],
+            [b * mine] * self.hosts,
+            self.groups.peer,
         )
         blocks = [x.view(b, -1, self.dim) for x in recv.split([b * w for w in self.host_width])]
         virtual = torch.cat(blocks, dim=1).index_select(1, self.virtual_order)

@@ -14,7 +14,7 @@ import numpy as np
 
 from dmtrec.errors import ConfigError, DataError
 
-METHODS = ("sequential", "random", "planted")
+METHODS = ("sequential", "random", "planted", "learned")
 
 
 def _check_k(k: int, num_features: int) -> None:
@@ -58,6 +58,8 @@ def make_partition(
         return random(features, k, seed)
     if method == "planted":
         return planted(features, groups, k)
+    if method == "learned":  # needs a probe model: resolved by the CLI before training
+        raise ConfigError("--partition learned is computed by `dmtrec partition` / `dmtrec train`")
     raise ConfigError(f"--partition: unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -84,7 +84,7 @@ class TrainConfig:
             raise ConfigError("--hosts/--ranks-per-host need --parallel baseline or dmt")
 
 
-def _wrap(model: torch.nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, topo: Topology):
+def wrap_model(model: torch.nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, topo: Topology):
     """The model under its parallel mode, starting from the reference model's weights."""
     device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
     if tcfg.parallel == "dmt":
@@ -145,7 +145,7 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
     model = build_model(mcfg, data.spec)
     counter = CommCounter(topo, rank)
     with counter.install():
-        wrapped = _wrap(model, mcfg, tcfg, topo)
+        wrapped = wrap_model(model, mcfg, tcfg, topo)
         optimizer = dense_and_fused_optimizer(
             wrapped, [wrapped.fused_optimizer], tcfg.dense_optimizer, tcfg.lr
         )

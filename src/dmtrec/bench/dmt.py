@@ -1,0 +1,255 @@
+"""``dmtrec bench dmt``: DMT vs TorchRec hybrid parallelism, same model/data/batch, one run.
+
+Runs the baseline (TorchRec DMP, table-wise and row-wise) and DMT (SPTT; identity TMs at CR=1,
+DLRM TMs at CR 2/4/8) on H emulated hosts x L ranks, each for warm-up then timed steps, on an
+emulated 2-tier network (``--link netns``: namespaces + tbf-shaped links, see
+``parallel/netem.py``) or on plain loopback (``--link none``). Step times are wall-clock per
+step on rank 0 between barriers (so the slowest rank sets them); comparisons are within this
+one invocation. Writes ``OUT/bench.json``, prints a table and saves ``OUT/bench.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dmtrec.data import DataConfig, load_data, shard_rows
+from dmtrec.models import ModelConfig, build_model
+from dmtrec.parallel.comm import CommCounter
+from dmtrec.parallel.sharding import dense_and_fused_optimizer
+from dmtrec.parallel.topology import Topology, make_process_groups
+from dmtrec.partition import make_partition
+from dmtrec.train.trainer import TrainConfig, wrap_model
+
+
+def _measure_links(topo: Topology, nbytes: int = 1 << 22) -> dict[str, float]:
+    """MB/s one rank achieves in an all-to-all inside its host and across hosts."""
+    groups = make_process_groups(topo)
+    out: dict[str, float] = {}
+    for name, group, n in (
+        ("intra", groups.intra, topo.ranks_per_host),
+        ("cross", groups.peer, topo.hosts),
+    ):
+        x = torch.zeros(nbytes // 4 * n)
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x, group=group)  # warm the connections
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dist.all_to_all_single(y, x, group=group)
+        dist.barrier()
+        sent = 3 * nbytes * (n - 1)
+        out[f"{name}_MBps"] = sent / (time.perf_counter() - t0) / 1e6
+    return out
+
+
+def bench_worker(
+    dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, warmup: int, steps: int, probe: bool
+) -> dict[str, Any]:
+    """Warm-up + timed training steps of one configuration (run on every rank)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
+    links = _measure_links(topo) if probe else {}
+    torch.manual_seed(tcfg.seed)
+    data = load_data(dcfg)
+    if mcfg.towers is None and mcfg.num_towers:
+        mcfg.towers = make_partition(
+            mcfg.partition, data.spec.sparse, mcfg.num_towers, data.spec.groups, tcfg.seed
+        )
+    model = build_model(mcfg, data.spec)
+    batches = list(shard_rows(data.batches("train", tcfg.batch_size * world), rank, world))
+    counter = CommCounter(topo, rank)
+    times: list[float] = []
+    with counter.install():
+        wrapped = wrap_model(model, mcfg, tcfg, topo)
+        opt = dense_and_fused_optimizer(
+            wrapped, [wrapped.fused_optimizer], tcfg.dense_optimizer, tcfg.lr
+        )
+        for i in range(warmup + steps):
+            batch = batches[i % len(batches)]
+            if i == warmup:
+                counter.reset()
+            dist.barrier()
+            t0 = time.perf_counter()
+            counter.phase = "forward"
+            loss = F.binary_cross_entropy_with_logits(
+                wrapped(batch.dense_features, batch.sparse_features), batch.labels
+            )
+            opt.zero_grad()
+            counter.phase = "backward"
+            loss.backward()
+            opt.step()
+            dist.barrier()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        comm = counter.totals(steps)
+    return {"step_s": times, "comm": comm, "links": links} if rank == 0 else {}
+
+
+def configs(
+    hosts: int, ranks_per_host: int, batch_size: int, towers: int, crs: list[int]
+) -> list[tuple[str, ModelConfig, TrainConfig]]:
+    """The runs of one benchmark: two baselines, then DMT at each CR."""
+    t = TrainConfig(
+        batch_size=batch_size, hosts=hosts, ranks_per_host=ranks_per_host, progress=False
+    )
+    small = dict(embedding_dim=32, bottom=[32], top=[32])
+    runs = [
+        (
+            "baseline_table_wise",
+            ModelConfig(**small),
+            replace(t, parallel="baseline", sharding="table_wise"),
+        ),
+        (
+            "baseline_row_wise",
+            ModelConfig(**small),
+            replace(t, parallel="baseline", sharding="row_wise"),
+        ),
+    ]
+    for cr in crs:
+        tm = "identity" if cr == 1 else "dlrm"
+        m = ModelConfig(**small, num_towers=towers, partition="planted", tm=tm, cr=cr)
+        runs.append((f"dmt_cr{cr}", m, replace(t, parallel="dmt")))
+    return runs
+
+
+def bench_dmt(
+    out: str,
+    *,
+    hosts: int = 2,
+    ranks_per_host: int = 2,
+    link: str = "netns",
+    cross_mbit: float = 100.0,
+    ratio: float = 48.0,
+    batch_size: int = 256,
+    num_sparse: int = 32,
+    towers: int = 4,
+    crs: tuple[int, ...] = (1, 2, 4, 8),
+    warmup: int = 3,
+    steps: int = 10,
+) -> dict[str, Any]:
+    """Run every configuration under one link set-up; write ``bench.json`` and ``bench.png``."""
+    from dmtrec.parallel.launch import spawn, spawn_in_hosts
+    from dmtrec.parallel.netem import EmulatedHosts, LinkSpec
+
+    world = hosts * ranks_per_host
+    dcfg = DataConfig(
+        synthetic=dict(
+            num_sparse=num_sparse,
+            num_groups=towers,
+            table_size=1000,
+            num_valid=0,
+            num_test=0,
+            num_train=batch_size * world * max(1, min(warmup + steps, 8)),
+        )
+    )
+    spec = LinkSpec(cross_mbit=cross_mbit, ratio=ratio)
+    results: list[dict[str, Any]] = []
+    link_info: dict[str, Any] = {}
+
+    def run_all(launch) -> None:
+        for i, (name, mcfg, tcfg) in enumerate(
+            configs(hosts, ranks_per_host, batch_size, towers, list(crs))
+        ):
+            print(f"[bench dmt] {name} ...", flush=True)
+            r = launch(bench_worker, (dcfg, mcfg, tcfg, warmup, steps, i == 0))
+            if i == 0:
+                link_info["measured"] = r["links"]
+            st = r["step_s"]
+            c = r["comm"]
+            results.append(
+                {
+                    "name": name,
+                    "step_s_median": statistics.median(st),
+                    "step_s_p90": sorted(st)[max(0, round(0.9 * len(st)) - 1)],
+                    "examples_per_s": batch_size * world / statistics.median(st),
+                    "cross_host_bytes_per_step": c["cross_host_bytes_per_step"],
+                    "intra_host_bytes_per_step": c["intra_host_bytes_per_step"],
+                    "cross_host_messages_per_step": c["cross_host_messages_per_step"],
+                    "pooled_cross_host_bytes_per_step": c["pooled_cross_host_bytes_per_step"],
+                    "step_s": st,
+                }
+            )
+
+    if link == "netns":
+        with EmulatedHosts(hosts, spec) as emu:
+            run_all(lambda fn, args: spawn_in_hosts(fn, args, emu, ranks_per_host)[0])
+        link_info.update(mode="netns", **spec.to_dict(), teardown_ok=not emu.exists())
+    else:
+        run_all(lambda fn, args: spawn(fn, args, world, ranks_per_host)[0])
+        link_info.update(mode="none (loopback, unshaped)")
+    base = min(r["step_s_median"] for r in results if r["name"].startswith("baseline"))
+    base_pooled = next(r for r in results if r["name"] == "baseline_table_wise")[
+        "pooled_cross_host_bytes_per_step"
+    ]
+    for r in results:
+        r["speedup_vs_baseline"] = base / r["step_s_median"]
+        if r["name"].startswith("dmt_cr"):
+            cr = int(r["name"][len("dmt_cr") :])
+            r["pooled_bytes_ratio_vs_baseline"] = (
+                r["pooled_cross_host_bytes_per_step"] / base_pooled
+            )
+            r["pooled_bytes_ratio_is_1_over_cr"] = (
+                abs(r["pooled_bytes_ratio_vs_baseline"] - 1 / cr) < 1e-12
+            )
+    report = {
+        "link_mode": link_info.pop("mode"),
+        "link": link_info,
+        "hosts": hosts,
+        "ranks_per_host": ranks_per_host,
+        "batch_size_per_rank": batch_size,
+        "num_sparse": num_sparse,
+        "towers": towers,
+        "warmup": warmup,
+        "steps": steps,
+        "runs": results,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "bench.json").write_text(json.dumps(report, indent=2))
+    _print_table(report)
+    _plot(report, Path(out) / "bench.png")
+    return report
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    print(f"link: {report['link_mode']} {report['link']}")
+    print(
+        f"{'run':<22}{'step ms':>9}{'p90 ms':>9}{'ex/s':>9}{'cross MB/step':>15}{'msgs':>7}{'speedup':>9}"
+    )
+    for r in report["runs"]:
+        print(
+            f"{r['name']:<22}{r['step_s_median'] * 1e3:>9.1f}{r['step_s_p90'] * 1e3:>9.1f}"
+            f"{r['examples_per_s']:>9.0f}{r['cross_host_bytes_per_step'] / 1e6:>15.3f}"
+            f"{r['cross_host_messages_per_step']:>7.0f}{r['speedup_vs_baseline']:>9.2f}"
+        )
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in report["runs"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(
+        names,
+        [r["step_s_median"] * 1e3 for r in report["runs"]],
+        color=["#888"] * 2 + ["#2a7"] * (len(names) - 2),
+    )
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title(
+        f"{report['hosts']} hosts x {report['ranks_per_host']} ranks, link: {report['link_mode']}"
+    )
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

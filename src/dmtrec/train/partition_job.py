@@ -1,0 +1,218 @@
+"""``dmtrec partition``: compute a feature-to-tower partition and explain it.
+
+``learned`` trains a flat DLRM probe briefly (``probe_steps``), measures the interaction matrix
+S (``train/interactions.py``), and runs DMT's Tower Partitioner (``partition/learned.py``:
+spectral embedding + constrained K-means balancing per-feature cost). ``sequential`` and
+``random`` are the baselines. Writes ``towers.json`` (towers, cost_per_tower, imbalance,
+method, ari when planted groups are known), ``interaction.png`` (S ordered by tower) and
+``report.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dmtrec.data import DataConfig, load_data
+from dmtrec.errors import ConfigError
+from dmtrec.models import ModelConfig, build_model
+from dmtrec.parallel.sharding import dense_and_fused_optimizer
+from dmtrec.parallel.topology import Topology
+from dmtrec.partition import random as random_partition
+from dmtrec.partition import sequential
+from dmtrec.partition.learned import (
+    adjusted_rand_index,
+    feature_costs,
+    imbalance,
+    labels_from_towers,
+    learned_partition,
+)
+from dmtrec.train.interactions import interaction_matrix
+from dmtrec.train.trainer import TrainConfig, wrap_model
+
+METHODS = ("learned", "sequential", "random")
+COSTS = ("count", "lookup", "memory", "both")
+
+
+@dataclass
+class PartitionConfig:
+    """Options of ``dmtrec partition`` (and of ``train --partition learned``)."""
+
+    towers: int = 4
+    method: str = "learned"
+    interaction: str = "mixed"
+    cost: str = "count"
+    tolerance: float | None = None  # None: 0.05, or the least a count split allows
+    host_memory: float | None = None  # bytes per tower/host
+    embed_dim: int | None = None
+    probe_steps: int = 300
+    batch_size: int = 256
+    embedding_dim: int = 16
+    seed: int = 0
+
+
+def _costs(cfg: PartitionConfig, rows: np.ndarray, pooling: np.ndarray) -> np.ndarray:
+    if cfg.cost == "count":
+        return np.ones(len(rows))
+    if cfg.cost not in COSTS:
+        raise ConfigError(f"--partition-cost: unknown {cfg.cost!r}; choose from {', '.join(COSTS)}")
+    return feature_costs(rows, cfg.embedding_dim, pooling, cfg.cost)
+
+
+def partition_worker(dcfg: DataConfig, cfg: PartitionConfig) -> dict[str, Any]:
+    """Compute the partition (inside a one-rank process group: the probe uses fused kernels)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method: unknown {cfg.method!r}; choose from {', '.join(METHODS)}")
+    data = load_data(dcfg)
+    spec = data.spec
+    names = spec.sparse
+    f = len(names)
+    if not 1 <= cfg.towers <= f:
+        raise ConfigError(
+            f"--towers {cfg.towers} must be between 1 and the number of sparse features ({f})"
+        )
+    rows = np.array(spec.num_embeddings, dtype=np.float64)
+    probe_batches = []
+    for i, b in enumerate(data.batches("train", cfg.batch_size)):
+        if i >= 20:
+            break
+        probe_batches.append(b)
+    if not probe_batches:
+        raise ConfigError("no training rows to partition features with")
+    pooling = np.array(
+        [
+            np.mean([float(b.sparse_features[n].lengths().double().mean()) for b in probe_batches])
+            for n in names
+        ]
+    )
+    cost = _costs(cfg, rows, pooling)
+    memory = rows * cfg.embedding_dim * 4
+    S = None
+    if cfg.method == "learned":
+        S = _probe_interactions(data, dcfg, cfg, probe_batches)
+        tol = cfg.tolerance
+        if tol is None:
+            tol = 0.05
+            if cfg.cost == "count":  # F not divisible by K: the best split is ceil(F/K)
+                tol = max(tol, math.ceil(f / cfg.towers) * cfg.towers / f - 1 + 1e-9)
+        idx = learned_partition(
+            S,
+            cfg.towers,
+            cost,
+            dim=cfg.embed_dim,
+            tolerance=tol,
+            memory=memory,
+            capacity=cfg.host_memory,
+            seed=cfg.seed,
+            names=names,
+        )
+        towers = [[names[i] for i in t] for t in idx]
+    elif cfg.method == "sequential":
+        towers = sequential(names, cfg.towers)
+    else:
+        towers = random_partition(names, cfg.towers, cfg.seed)
+    pos = {n: i for i, n in enumerate(names)}
+    labels = labels_from_towers([[pos[n] for n in t] for t in towers], f)
+    out: dict[str, Any] = {
+        "towers": towers,
+        "method": cfg.method,
+        "cost": cfg.cost,
+        "cost_per_tower": [float(sum(cost[pos[n]] for n in t)) for t in towers],
+        "memory_bytes_per_tower": [float(sum(memory[pos[n]] for n in t)) for t in towers],
+        "imbalance": imbalance(labels, cost),
+    }
+    if spec.groups is not None:
+        out["ari"] = adjusted_rand_index(labels, np.array(spec.groups))
+    if S is not None:
+        out["interaction"] = cfg.interaction
+        out["interaction_matrix"] = S.tolist()
+        inside = sum(S[pos[a], pos[b]] for t in towers for a in t for b in t)
+        out["interaction_inside_towers"] = float(inside / max(S.sum(), 1e-12))
+    out["features"] = names
+    return out
+
+
+def _probe_interactions(data, dcfg: DataConfig, cfg: PartitionConfig, batches: list) -> np.ndarray:
+    """Train a flat DLRM for ``probe_steps`` steps and measure S on held batches."""
+    torch.manual_seed(cfg.seed)
+    mcfg = ModelConfig(model="dlrm", embedding_dim=cfg.embedding_dim)
+    tcfg = TrainConfig(batch_size=cfg.batch_size, lr=3e-3, sparse_lr=0.2, progress=False)
+    model = build_model(mcfg, data.spec)
+    wrapped = wrap_model(model, mcfg, tcfg, Topology(1, dist.get_world_size()))
+    opt = dense_and_fused_optimizer(wrapped, [wrapped.fused_optimizer], "adam", tcfg.lr)
+    step, epoch = 0, 0
+    while step < cfg.probe_steps:
+        seen = False
+        for batch in data.batches("train", cfg.batch_size, epoch=epoch):
+            seen = True
+            loss = F.binary_cross_entropy_with_logits(
+                wrapped(batch.dense_features, batch.sparse_features), batch.labels
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= cfg.probe_steps:
+                break
+        if not seen:
+            raise ConfigError("no training rows to probe feature interactions with")
+        epoch += 1
+    return interaction_matrix(wrapped, batches, cfg.interaction)
+
+
+def write_partition(out: str, result: dict[str, Any]) -> Path:
+    """``towers.json``, ``report.txt`` and (when S is known) ``interaction.png`` in ``out``."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {k: v for k, v in result.items() if k not in ("interaction_matrix", "features")}
+    (d / "towers.json").write_text(json.dumps(doc, indent=2))
+    lines = [f"method={result['method']} cost={result['cost']} imbalance={result['imbalance']:.3f}"]
+    if "ari" in result:
+        lines.append(f"ARI vs planted groups: {result['ari']:.3f}")
+    if "interaction_inside_towers" in result:
+        lines.append(
+            f"share of interaction ({result['interaction']}) inside towers: {result['interaction_inside_towers']:.3f}"
+        )
+    for k, (t, c) in enumerate(zip(result["towers"], result["cost_per_tower"])):
+        lines.append(f"tower {k}: cost {c:.3g}  {' '.join(t)}")
+    (d / "report.txt").write_text("\n".join(lines) + "\n")
+    if "interaction_matrix" in result:
+        _heatmap(
+            np.array(result["interaction_matrix"]),
+            result["features"],
+            result["towers"],
+            d / "interaction.png",
+        )
+    return d / "towers.json"
+
+
+def _heatmap(S: np.ndarray, names: list[str], towers: list[list[str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = {n: i for i, n in enumerate(names)}
+    order = [pos[n] for t in towers for n in t]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(S[np.ix_(order, order)], cmap="viridis")
+    ax.set_xticks(range(len(order)), [names[i] for i in order], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(order)), [names[i] for i in order], fontsize=6)
+    edge = 0
+    for t in towers[:-1]:
+        edge += len(t)
+        ax.axhline(edge - 0.5, color="w", lw=1)
+        ax.axvline(edge - 0.5, color="w", lw=1)
+    ax.set_title("feature interaction S, ordered by tower")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
