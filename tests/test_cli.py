@@ -26,24 +26,39 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
         (["--towers", "0"], "--towers must be >= 1"),
         (["--towers", "4", "--tm", "dlrm", "--cr", "4"], "--cr 4 does not divide the tower width"),
         (["--towers", "2", "--tm", "magic"], "--tm: unknown tower module 'magic'"),
-        (["--parallel", "dmt", "--hosts", "2", "--ranks-per-host", "2"], "--parallel dmt needs --towers"),
-        (["--parallel", "dmt", "--towers", "1", "--hosts", "2", "--ranks-per-host", "1"], "--towers 1 is fewer than --hosts 2"),
+        (
+            ["--parallel", "dmt", "--hosts", "2", "--ranks-per-host", "2"],
+            "--parallel dmt needs --towers",
+        ),
+        (
+            ["--parallel", "dmt", "--towers", "1", "--hosts", "2", "--ranks-per-host", "1"],
+            "--towers 1 is fewer than --hosts 2",
+        ),
         (["--parallel", "fast"], "--parallel: unknown 'fast'"),
         (["--model", "gbdt"], "--model: unknown model 'gbdt'"),
-        (["--data", "criteo", "--train", "/nonexistent/day_0.gz"], "/nonexistent/day_0.gz: no such file"),
+        (
+            ["--data", "criteo", "--train", "/nonexistent/day_0.gz"],
+            "/nonexistent/day_0.gz: no such file",
+        ),
         (["--data", "csv", "--train", "x.csv"], "needs --label and --sparse"),
         (["--hosts", "2"], "need --parallel baseline or dmt"),
     ],
 )
-def test_bad_train_options(capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], message: str) -> None:
-    err = _error(capsys, ["train", "--num-train", "100", "--num-test", "100", "--out", str(tmp_path), *argv])
+def test_bad_train_options(
+    capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    err = _error(
+        capsys, ["train", "--num-train", "100", "--num-test", "100", "--out", str(tmp_path), *argv]
+    )
     assert message in err
 
 
 def test_config_file_values_and_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text("epochs: 1\nlearning_rate: 0.1\n")
-    assert "bad.yaml: unknown option 'learning_rate'" in _error(capsys, ["train", "--config", str(bad_key)])
+    assert "bad.yaml: unknown option 'learning_rate'" in _error(
+        capsys, ["train", "--config", str(bad_key)]
+    )
     broken = tmp_path / "broken.yaml"
     broken.write_text("epochs: 1\nmodel: [dlrm\n")
     assert "broken.yaml:3:1: invalid YAML" in _error(capsys, ["train", "--config", str(broken)])
@@ -59,7 +74,20 @@ def test_towers_json_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
     assert "towers.json:1:" in _error(capsys, ["train", "--towers", str(bad)])
     unknown = tmp_path / "t2.json"
     unknown.write_text('{"towers": [["C1", "Z9"]]}')
-    err = _error(capsys, ["train", "--num-train", "10", "--num-test", "10", "--towers", str(unknown), "--out", str(tmp_path)])
+    err = _error(
+        capsys,
+        [
+            "train",
+            "--num-train",
+            "10",
+            "--num-test",
+            "10",
+            "--towers",
+            str(unknown),
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert "unknown feature(s): Z9" in err
 
 
@@ -80,3 +108,22 @@ def test_assign_towers_balances_hosts() -> None:
     assert sorted(assign_towers([2, 2, 2, 2], 2)) == [0, 0, 1, 1]
     with pytest.raises(ConfigError):
         assign_towers([3], 2)
+
+
+def test_partition_command_writes_towers_json(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    import json
+
+    small = ["--num-sparse", "8", "--num-groups", "2", "--rows", "20", "--num-train", "2000", "--num-test", "0", "--num-valid", "0"]
+    for method in ("sequential", "random", "learned"):
+        out = tmp_path / method
+        assert main(["partition", *small, "--towers", "2", "--method", method, "--probe-steps", "20", "--out", str(out)]) == 0
+        doc = json.loads((out / "towers.json").read_text())
+        assert doc["method"] == method and len(doc["towers"]) == 2
+        assert sorted(f for t in doc["towers"] for f in t) == sorted(f"C{i}" for i in range(1, 9))
+        assert doc["cost_per_tower"] == [4.0, 4.0] and doc["imbalance"] == 1.0
+        assert -1.0 <= doc["ari"] <= 1.0
+    assert (tmp_path / "learned" / "interaction.png").stat().st_size > 1000
+    assert "towers" in (tmp_path / "learned" / "report.txt").read_text()
+    capsys.readouterr()
+    assert "--towers 9 must be between 1 and" in _error(capsys, ["partition", *small, "--towers", "9", "--out", str(tmp_path)])
+    assert "--method: unknown 'kmeans'" in _error(capsys, ["partition", *small, "--towers", "2", "--method", "kmeans", "--out", str(tmp_path)])

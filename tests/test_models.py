@@ -67,8 +67,13 @@ def test_identity_towers_equal_flat_model_in_tower_order() -> None:
     torch.manual_seed(0)
     mt = build_model(ModelConfig(embedding_dim=4, towers=towers, tm="identity"), SPEC)
     flat = FlatModel(mt.ebc, mt.head, ["c", "a", "b"])
-    batch = make_batch(np.ones((3, 2)), np.array([[0, 1, 2], [1, 2, 3], [4, 5, 6]]), np.zeros(3), SPEC.sparse)
-    assert torch.equal(mt(batch.dense_features, batch.sparse_features), flat(batch.dense_features, batch.sparse_features))
+    batch = make_batch(
+        np.ones((3, 2)), np.array([[0, 1, 2], [1, 2, 3], [4, 5, 6]]), np.zeros(3), SPEC.sparse
+    )
+    assert torch.equal(
+        mt(batch.dense_features, batch.sparse_features),
+        flat(batch.dense_features, batch.sparse_features),
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,9 +84,15 @@ def test_identity_towers_equal_flat_model_in_tower_order() -> None:
         (dict(towers=[["a", "b"]]), "in no tower: c"),
         (dict(towers=[["a", "b"], ["b", "c"]]), "more than one tower: b"),
         (dict(towers=[["a", "b"], ["c"]], tm="mystery"), "--tm: unknown tower module 'mystery'"),
-        (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=2), "--cr 2 does not divide the tower width (1 features)"),
+        (
+            dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=2),
+            "--cr 2 does not divide the tower width (1 features)",
+        ),
         (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=3), "--cr must be one of"),
-        (dict(towers=[["a", "b"], ["c"]], tm="identity", cr=2), "identity tower module does not compress"),
+        (
+            dict(towers=[["a", "b"], ["c"]], tm="identity", cr=2),
+            "identity tower module does not compress",
+        ),
         (dict(model="xgboost"), "--model: unknown model 'xgboost'"),
     ],
 )

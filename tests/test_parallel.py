@@ -24,7 +24,15 @@ from dmtrec.parallel.launch import spawn
 pytestmark = pytest.mark.slow
 TOL = 1e-5
 DATA = DataConfig(
-    synthetic=dict(num_sparse=8, num_groups=2, table_size=40, num_train=64, num_valid=0, num_test=0, num_dense=5)
+    synthetic=dict(
+        num_sparse=8,
+        num_groups=2,
+        table_size=40,
+        num_train=64,
+        num_valid=0,
+        num_test=0,
+        num_dense=5,
+    )
 )
 # an arbitrary 3-tower partition, not contiguous, uneven
 TOWERS = [["C2", "C7", "C4"], ["C1"], ["C8", "C3", "C6", "C5"]]
@@ -38,7 +46,9 @@ def _run(setup: StepSetup) -> list[dict]:
     """One distributed step per distinct setup (tests share runs: each costs ~30 s here)."""
     key = repr(setup)
     if key not in _RUNS:
-        _RUNS[key] = spawn(one_step, (setup,), setup.hosts * setup.ranks_per_host, setup.ranks_per_host)
+        _RUNS[key] = spawn(
+            one_step, (setup,), setup.hosts * setup.ranks_per_host, setup.ranks_per_host
+        )
     return _RUNS[key]
 
 
@@ -64,7 +74,9 @@ def _check(results: list[dict], ref: dict, ref_model: torch.nn.Module, table_pre
         assert _max_diff(dense[name], g) <= TOL, name
     # every embedding row's gradient
     shapes = {
-        n.split(".")[-2] + ".weight": g.shape for n, g in ref["grads"].items() if "embedding_bags" in n
+        n.split(".")[-2] + ".weight": g.shape
+        for n, g in ref["grads"].items()
+        if "embedding_bags" in n
     }
     tables = assemble_table_grads(results, shapes)
     for n, g in ref["grads"].items():
@@ -112,7 +124,11 @@ def test_pooled_cross_host_bytes_scale_as_one_over_cr() -> None:
     closed_form = n * b * f * d * 4 * (1 - 1 / h)  # dmt.md: N*B*F*D*elem*(1-1/H)
     base = _run(StepSetup(DATA, ModelConfig(), mode="baseline"))[0]["comm"]
     assert base["pooled_cross_host_bytes_per_step"] == closed_form
-    for towers, tm, cr in [(TOWERS, "identity", 1), (EVEN_TOWERS, "dlrm", 2), (EVEN_TOWERS, "dlrm", 4)]:
+    for towers, tm, cr in [
+        (TOWERS, "identity", 1),
+        (EVEN_TOWERS, "dlrm", 2),
+        (EVEN_TOWERS, "dlrm", 4),
+    ]:
         comm = _run(StepSetup(DATA, ModelConfig(towers=towers, tm=tm, cr=cr)))[0]["comm"]
         assert comm["pooled_cross_host_bytes_per_step"] == closed_form / cr
         # the backward sends the same gradients back over the same links

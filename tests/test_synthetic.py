@@ -9,7 +9,9 @@ import torch
 from dmtrec.data.synthetic import SyntheticConfig, SyntheticData
 from dmtrec.errors import ConfigError
 
-SMALL = dict(num_sparse=12, num_groups=3, table_size=50, num_train=2000, num_valid=200, num_test=1000)
+SMALL = dict(
+    num_sparse=12, num_groups=3, table_size=50, num_train=2000, num_valid=200, num_test=1000
+)
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:
@@ -40,7 +42,9 @@ def test_oracle_auc_bounds_and_base_rate() -> None:
 
 def test_power_law_ids() -> None:
     d = SyntheticData(SyntheticConfig(**{**SMALL, "num_train": 20000}))
-    ids = np.concatenate([b.sparse_features["C1"].values().numpy() for b in d.batches("train", 5000)])
+    ids = np.concatenate(
+        [b.sparse_features["C1"].values().numpy() for b in d.batches("train", 5000)]
+    )
     counts = np.sort(np.bincount(ids, minlength=50))[::-1]
     assert counts[0] > 10 * counts[25]  # head ids dominate the tail
 
@@ -62,7 +66,9 @@ def test_interaction_signal_lives_inside_groups() -> None:
                 x[:, j] = (x[:, j] + 1) % 50
             return d._interaction(x)
 
-        return float(np.abs(f(True, True) - f(True, False) - f(False, True) + f(False, False)).mean())
+        return float(
+            np.abs(f(True, True) - f(True, False) - f(False, True) + f(False, False)).mean()
+        )
 
     for i in range(12):
         for j in range(i + 1, 12):
@@ -74,7 +80,11 @@ def test_interaction_signal_lives_inside_groups() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(num_groups=30), "--num-groups 30"), (dict(order=4), "--order must be 2 or 3"), (dict(table_size=1), "--table-size")],
+    [
+        (dict(num_groups=30), "--num-groups 30"),
+        (dict(order=4), "--order must be 2 or 3"),
+        (dict(table_size=1), "--table-size"),
+    ],
 )
 def test_bad_synthetic_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -19,7 +19,18 @@ FAST = ["--batch-size", "128", "--lr", "3e-3", "--sparse-lr", "0.2", "--no-progr
 
 
 def _cli_train(out: Path, *extra: str) -> dict:
-    args = ["train", *SMALL, *FAST, "--num-train", "50000", "--epochs", "3", "--out", str(out), *extra]
+    args = [
+        "train",
+        *SMALL,
+        *FAST,
+        "--num-train",
+        "50000",
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(args) == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -32,7 +43,17 @@ def flat_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_flat_dlrm_reaches_oracle_auc(flat_metrics: dict) -> None:
     """Small default-shaped synthetic data: the flat DLRM gets within 0.03 of the oracle AUC."""
     m = flat_metrics
-    for key in ("auc", "logloss", "ne", "examples_per_s", "train_examples", "eval_examples", "skipped_rows", "model", "oracle_auc"):
+    for key in (
+        "auc",
+        "logloss",
+        "ne",
+        "examples_per_s",
+        "train_examples",
+        "eval_examples",
+        "skipped_rows",
+        "model",
+        "oracle_auc",
+    ):
         assert key in m, key
     assert m["train_examples"] == 3 * 50000  # one process: the short last batch trains too
     assert m["eval_examples"] == 10000 and m["model"] == "dlrm"
@@ -51,10 +72,19 @@ def test_dmt_with_planted_towers_keeps_flat_quality(flat_metrics: dict, tmp_path
 
 
 def _train(out: Path, max_steps: int, resume: bool = False, checkpoint_every: int = 0) -> dict:
-    data = DataConfig(synthetic=dict(num_sparse=6, num_groups=2, table_size=30, num_train=1000, num_valid=0, num_test=300))
+    data = DataConfig(
+        synthetic=dict(
+            num_sparse=6, num_groups=2, table_size=30, num_train=1000, num_valid=0, num_test=300
+        )
+    )
     tcfg = TrainConfig(
-        epochs=2, batch_size=100, max_steps=max_steps, resume=resume, checkpoint_every=checkpoint_every,
-        out=str(out), progress=False,
+        epochs=2,
+        batch_size=100,
+        max_steps=max_steps,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        out=str(out),
+        progress=False,
     )
     return run_single(train_worker, (data, ModelConfig(model="dcn"), tcfg))
 
@@ -77,4 +107,6 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
 def _local_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's model tensors (sharded tables as their local shard; needs a group)."""
     state = torch.load(path, weights_only=False)["model"]
-    return {k: v.local_shards()[0].tensor if hasattr(v, "local_shards") else v for k, v in state.items()}
+    return {
+        k: v.local_shards()[0].tensor if hasattr(v, "local_shards") else v for k, v in state.items()
+    }

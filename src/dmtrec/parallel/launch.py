@@ -216,16 +216,24 @@ def spawn_in_hosts(fn: Callable, args: tuple, hosts, ranks_per_host: int) -> lis
                 if failed or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            results = []
+            outcomes: list[tuple[str, Any] | None] = []
             for rank in range(world):
                 out = os.path.join(tmp, f"rank{rank}.pkl")
-                if not os.path.exists(out):
+                if os.path.exists(out):
+                    with open(out, "rb") as f:
+                        outcomes.append(pickle.load(f))
+                else:
+                    outcomes.append(None)
+            # report the first rank that failed by itself, not one left waiting for it
+            for rank, o in enumerate(outcomes):
+                if o is not None and o[0] != "ok":
+                    _result(rank, *o)
+            for rank, o in enumerate(outcomes):
+                if o is None:
                     code = procs[rank].poll()
-                    raise RuntimeError(
-                        f"rank {rank} in {hosts.namespaces[rank // ranks_per_host]} ended without a result (exit {code})"
-                    )
-                with open(out, "rb") as f:
-                    results.append(_result(rank, *pickle.load(f)))
+                    ns = hosts.namespaces[rank // ranks_per_host]
+                    raise RuntimeError(f"rank {rank} in {ns} ended without a result (exit {code})")
+            results = [_result(rank, *o) for rank, o in enumerate(outcomes)]
             return results
         finally:
             for p in procs:
@@ -239,8 +247,11 @@ def _netns_main(job: str, out_dir: str) -> None:
     import pickle
 
     rank = int(os.environ["RANK"])
-    with open(job, "rb") as f:
-        fn, args = pickle.load(f)
+
+    def load_and_run() -> Any:
+        with open(job, "rb") as f:
+            fn, args = pickle.load(f)
+        return fn(*args)
 
     def init() -> None:
         dist.init_process_group(
@@ -251,7 +262,7 @@ def _netns_main(job: str, out_dir: str) -> None:
             timeout=TIMEOUT,
         )
 
-    status, payload = run_rank(rank, init, fn, args)
+    status, payload = run_rank(rank, init, load_and_run, ())
     tmp = os.path.join(out_dir, f"rank{rank}.pkl.tmp")
     with open(tmp, "wb") as f:
         pickle.dump((status, payload), f)
