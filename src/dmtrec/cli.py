@@ -53,7 +53,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_partition_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tower partitioner (--method/--partition learned)")
-    g.add_argument("--interaction", default="mixed", help="S measure: mixed | dot | attribution")
+    g.add_argument(
+        "--interaction", default="fwfm", help="S measure: fwfm | mixed | dot | attribution"
+    )
     g.add_argument(
         "--partition-cost", default="count", help="balance: count | lookup | memory | both"
     )
@@ -64,7 +66,7 @@ def _add_partition_args(p: argparse.ArgumentParser) -> None:
         "--host-memory", type=float, default=None, help="bytes of tables a tower may hold"
     )
     g.add_argument("--embed-dim", type=int, default=None, help="spectral embedding dim (default K)")
-    g.add_argument("--probe-steps", type=int, default=300, help="steps of the flat probe model")
+    g.add_argument("--probe-steps", type=int, default=2000, help="steps of the flat probe model")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +74,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_data_args(p)
     _add_partition_args(p)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="dlrm", help="dlrm | dcn")
+    g.add_argument("--model", default="dlrm", help="dlrm | dcn | fwfm")
     g.add_argument("--embedding-dim", type=int, default=16)
     g.add_argument("--bottom", type=_ints, default=[64, 32], help="bottom MLP sizes")
     g.add_argument("--top", type=_ints, default=[64, 32], help="top MLP sizes (before the logit)")
@@ -342,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     p_dmt.add_argument("--crs", type=_ints, default=[1, 2, 4, 8])
     p_dmt.add_argument("--warmup", type=int, default=3)
     p_dmt.add_argument("--steps", type=int, default=10)
+    p_bp = bsub.add_parser(
+        "partition", help="learned vs sequential vs random towers: DMT AUC over seeds"
+    )
+    p_bp.add_argument("--out", default="runs/bench_partition")
+    p_bp.add_argument("--seeds", type=int, default=5)
+    p_bp.add_argument("--num-train", type=int, default=100_000)
+    p_bp.add_argument("--epochs", type=int, default=2)
     try:
         if argv and argv[0] == "train":
             args = _apply_yaml(p_train, argv[1:])
@@ -369,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
                 dict(batch_size=args.batch_size, steps=args.steps, table_size=args.table_size),
             )
             print(json.dumps({k: r[k] for k in r if k != "config"}, indent=1))
+            return 0
+        if args.command == "bench" and args.bench == "partition":
+            from dmtrec.bench.partition import bench_partition
+
+            bench_partition(
+                args.out, seeds=args.seeds, num_train=args.num_train, epochs=args.epochs
+            )
+            print(f"wrote {Path(args.out) / 'bench_partition.json'}")
             return 0
         if args.command == "bench" and args.bench == "dmt":
             from dmtrec.bench.dmt import bench_dmt

@@ -15,8 +15,9 @@ from dmtrec.models.common import FlatModel, make_ebc
 from dmtrec.models.dcn import DCNHead
 from dmtrec.models.dlrm import DLRMHead
 from dmtrec.models.dmt import MultiTower
+from dmtrec.models.fwfm import FwFMHead
 
-MODELS = ("dlrm", "dcn")
+MODELS = ("dlrm", "dcn", "fwfm")
 
 
 @dataclass
@@ -48,6 +49,8 @@ def make_head(cfg: ModelConfig, spec: FeatureSpec, num_sparse: int) -> nn.Module
     """The global (dense) part for ``num_sparse`` D-dim inputs."""
     if cfg.model == "dlrm":
         return DLRMHead(len(spec.dense), num_sparse, cfg.embedding_dim, cfg.bottom, cfg.top)
+    if cfg.model == "fwfm":
+        return FwFMHead(len(spec.dense), num_sparse, cfg.embedding_dim)
     return DCNHead(
         len(spec.dense),
         num_sparse,
@@ -76,4 +79,13 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, device: str = "cpu") -> nn.
     )
 
 
-__all__ = ["MODELS", "DCNHead", "DLRMHead", "FlatModel", "ModelConfig", "MultiTower", "build_model"]
+__all__ = [
+    "MODELS",
+    "DCNHead",
+    "DLRMHead",
+    "FlatModel",
+    "FwFMHead",
+    "ModelConfig",
+    "MultiTower",
+    "build_model",
+]

@@ -1,11 +1,15 @@
 """Feature-interaction matrix S (F x F) from a briefly trained flat model -- the partitioner's input.
 
-Two measures, both on the probe model's pooled embeddings e_f over real batches:
+Measures, all on the probe model's pooled embeddings e_f over real batches:
+
+- ``fwfm`` (default): the probe is a field-weighted FM (``models/fwfm.py``);
+  S_ij = |r_ij| * mean |<e_i, e_j>|, the size of the pair term the model learned. Pair terms are
+  the only place FwFM lets two fields interact, so S is zero for pairs the model does not use.
 
 - ``dot``: S_ij = mean over samples of |<e_i, e_j>|. DLRM's interaction *is* these dot
   products, so features whose embeddings have learned to align are the ones the model uses
   together. Cheap, model-agnostic (any head).
-- ``mixed`` (default): the model's own pairwise interaction strength, Friedman-H style:
+- ``mixed``: the model's own pairwise interaction strength, Friedman-H style:
   S_ij = mean |f(x_ij') - f(x_i') - f(x_j') + f(x)|, where x_i' replaces feature i's embedding
   by another sample's and f is the logit. Zero exactly when the model's logit is additive in
   (e_i, e_j) -- i.e. when the pair does not interact -- whatever the head's architecture; the
@@ -28,8 +32,10 @@ from torch import nn
 from dmtrec.errors import ConfigError
 from dmtrec.models.common import stack_pooled
 from dmtrec.models.dlrm import DLRMHead
+from dmtrec.models.fwfm import FwFMHead
 
-INTERACTIONS = ("mixed", "dot", "attribution")
+INTERACTIONS = ("fwfm", "mixed", "dot", "attribution")
+PROBE_MODEL = {"fwfm": "fwfm", "mixed": "dlrm", "dot": "dlrm", "attribution": "dlrm"}
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -44,7 +50,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def interaction_matrix(model: nn.Module, batches: Iterable, method: str = "mixed") -> np.ndarray:
+def interaction_matrix(model: nn.Module, batches: Iterable, method: str = "fwfm") -> np.ndarray:
     """S for the flat ``model`` (possibly wrapped) over ``batches``."""
     if method not in INTERACTIONS:
         raise ConfigError(
@@ -53,6 +59,8 @@ def interaction_matrix(model: nn.Module, batches: Iterable, method: str = "mixed
     flat = unwrap(model)
     if method == "mixed":
         return _mixed(flat, list(batches))
+    if method == "fwfm":
+        return _fwfm(flat, list(batches))
     total, n = None, 0
     for batch in batches:
         e = stack_pooled(flat.ebc(batch.sparse_features), flat.features).double()  # B x F x D
@@ -103,3 +111,22 @@ def _mixed(flat: nn.Module, batches: list, max_rows: int = 4096, seed: int = 0) 
         for j in range(i + 1, f):
             S[i, j] = S[j, i] = float((logit((i, j)) - single[i] - single[j] + base).abs().mean())
     return S
+
+
+def _fwfm(flat: nn.Module, batches: list) -> np.ndarray:
+    head = flat.head
+    if not isinstance(head, FwFMHead):
+        raise ConfigError("--interaction fwfm needs an FwFM probe model")
+    total, n = None, 0
+    for b in batches:
+        dots = head.pair_dots(stack_pooled(flat.ebc(b.sparse_features), flat.features)).double()
+        s = dots.abs().sum(0)
+        total = s if total is None else total + s
+        n += dots.shape[0]
+    if total is None:
+        raise ConfigError("no training batches to measure feature interactions on")
+    f = len(flat.features)
+    S = np.zeros((f, f))
+    strength = (total / n * head.pair.detach().double().abs()).numpy()
+    S[head.triu[0].numpy(), head.triu[1].numpy()] = strength
+    return S + S.T

@@ -35,7 +35,7 @@ from dmtrec.partition.learned import (
     labels_from_towers,
     learned_partition,
 )
-from dmtrec.train.interactions import interaction_matrix
+from dmtrec.train.interactions import PROBE_MODEL, interaction_matrix
 from dmtrec.train.trainer import TrainConfig, wrap_model
 
 METHODS = ("learned", "sequential", "random")
@@ -48,12 +48,12 @@ class PartitionConfig:
 
     towers: int = 4
     method: str = "learned"
-    interaction: str = "mixed"
+    interaction: str = "fwfm"
     cost: str = "count"
     tolerance: float | None = None  # None: 0.05, or the least a count split allows
     host_memory: float | None = None  # bytes per tower/host
     embed_dim: int | None = None
-    probe_steps: int = 300
+    probe_steps: int = 2000
     batch_size: int = 256
     embedding_dim: int = 16
     seed: int = 0
@@ -143,7 +143,11 @@ def partition_worker(dcfg: DataConfig, cfg: PartitionConfig) -> dict[str, Any]:
 def _probe_interactions(data, dcfg: DataConfig, cfg: PartitionConfig, batches: list) -> np.ndarray:
     """Train a flat DLRM for ``probe_steps`` steps and measure S on held batches."""
     torch.manual_seed(cfg.seed)
-    mcfg = ModelConfig(model="dlrm", embedding_dim=cfg.embedding_dim)
+    if cfg.interaction not in PROBE_MODEL:
+        raise ConfigError(
+            f"--interaction: unknown {cfg.interaction!r}; choose from {', '.join(PROBE_MODEL)}"
+        )
+    mcfg = ModelConfig(model=PROBE_MODEL[cfg.interaction], embedding_dim=cfg.embedding_dim)
     tcfg = TrainConfig(batch_size=cfg.batch_size, lr=3e-3, sparse_lr=0.2, progress=False)
     model = build_model(mcfg, data.spec)
     wrapped = wrap_model(model, mcfg, tcfg, Topology(1, dist.get_world_size()))
