@@ -238,9 +238,12 @@ def configs_from_args(args: argparse.Namespace):
     return dcfg, mcfg, tcfg
 
 
-def run_train(dcfg, mcfg, tcfg) -> dict[str, Any]:
-    """Train in this process (``none``) or on hosts x ranks local processes; return metrics."""
-    from dmtrec.parallel.launch import run_single, spawn
+def run_train(dcfg, mcfg, tcfg, hosts=None) -> dict[str, Any]:
+    """Train in this process (``none``) or on hosts x ranks local processes; return metrics.
+
+    ``hosts``: an entered ``netem.EmulatedHosts`` to run the ranks on a shaped 2-tier network.
+    """
+    from dmtrec.parallel.launch import run_single, spawn, spawn_in_hosts
     from dmtrec.train.trainer import train_worker, write_metrics
 
     world = tcfg.hosts * tcfg.ranks_per_host
@@ -253,8 +256,13 @@ def run_train(dcfg, mcfg, tcfg) -> dict[str, Any]:
             return metrics
     elif tcfg.parallel == "none":
         metrics = run_single(train_worker, (dcfg, mcfg, tcfg))
+    elif hosts is not None:
+        metrics = spawn_in_hosts(train_worker, (dcfg, mcfg, tcfg), hosts, tcfg.ranks_per_host)[0]
+        metrics["link"] = {"mode": "netns", **hosts.link.to_dict()}
     else:
         metrics = spawn(train_worker, (dcfg, mcfg, tcfg), world, tcfg.ranks_per_host)[0]
+        if world > 1:
+            metrics["link"] = {"mode": "none (loopback, unshaped)"}
     write_metrics(tcfg.out, metrics)
     return metrics
 
@@ -351,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bp.add_argument("--seeds", type=int, default=5)
     p_bp.add_argument("--num-train", type=int, default=100_000)
     p_bp.add_argument("--epochs", type=int, default=2)
+    p_bp.add_argument("--measures", action="store_true", help="instead: ARI of each S measure")
     try:
         if argv and argv[0] == "train":
             args = _apply_yaml(p_train, argv[1:])

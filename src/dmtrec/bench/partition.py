@@ -26,6 +26,72 @@ from dmtrec.train.trainer import TrainConfig, train_worker
 METHODS = ("learned", "sequential", "random")
 
 
+def bench_measures(
+    out: str,
+    *,
+    seeds: int = 5,
+    num_sparse: int = 26,
+    towers: int = 4,
+    rows: int = 100,
+    num_train: int = 60_000,
+    probe_steps: int = 2000,
+) -> dict[str, Any]:
+    """ARI vs the planted groups of the learned partition under each interaction measure."""
+    from dmtrec.train.interactions import INTERACTIONS
+
+    runs = []
+    for seed in range(seeds):
+        data = DataConfig(
+            synthetic=dict(
+                num_sparse=num_sparse,
+                num_groups=towers,
+                table_size=rows,
+                num_train=num_train,
+                num_valid=0,
+                num_test=0,
+                seed=seed,
+            )
+        )
+        for measure in INTERACTIONS:
+            pcfg = PartitionConfig(
+                towers=towers, interaction=measure, probe_steps=probe_steps, seed=seed
+            )
+            part = run_single(partition_worker, (data, pcfg))
+            runs.append(
+                {
+                    "seed": seed,
+                    "interaction": measure,
+                    "ari": part["ari"],
+                    "interaction_inside_towers": part["interaction_inside_towers"],
+                }
+            )
+            print(f"[bench measures] seed {seed} {measure:<12} ari={part['ari']:.3f}", flush=True)
+    summary = {
+        m: {
+            "ari_mean": statistics.mean(r["ari"] for r in runs if r["interaction"] == m),
+            "ari_min": min(r["ari"] for r in runs if r["interaction"] == m),
+        }
+        for m in INTERACTIONS
+    }
+    report = {
+        "config": dict(
+            seeds=seeds,
+            num_sparse=num_sparse,
+            towers=towers,
+            rows=rows,
+            num_train=num_train,
+            probe_steps=probe_steps,
+        ),
+        "summary": summary,
+        "runs": runs,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "bench_measures.json").write_text(json.dumps(report, indent=2))
+    for m, v in summary.items():
+        print(f"{m:<12} mean ARI {v['ari_mean']:.3f} (min {v['ari_min']:.3f})")
+    return report
+
+
 def bench_partition(
     out: str,
     *,
