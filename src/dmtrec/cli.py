@@ -389,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: r[k] for k in r if k != "config"}, indent=1))
             return 0
         if args.command == "bench" and args.bench == "partition":
-            from dmtrec.bench.partition import bench_partition
+            from dmtrec.bench.partition import bench_measures, bench_partition
 
+            if args.measures:
+                bench_measures(args.out, seeds=args.seeds)
+                print(f"wrote {Path(args.out) / 'bench_measures.json'}")
+                return 0
             bench_partition(
                 args.out, seeds=args.seeds, num_train=args.num_train, epochs=args.epochs
             )
