@@ -110,13 +110,44 @@ def test_assign_towers_balances_hosts() -> None:
         assign_towers([3], 2)
 
 
-def test_partition_command_writes_towers_json(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_partition_command_writes_towers_json(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     import json
 
-    small = ["--num-sparse", "8", "--num-groups", "2", "--rows", "20", "--num-train", "2000", "--num-test", "0", "--num-valid", "0"]
+    small = [
+        "--num-sparse",
+        "8",
+        "--num-groups",
+        "2",
+        "--rows",
+        "20",
+        "--num-train",
+        "2000",
+        "--num-test",
+        "0",
+        "--num-valid",
+        "0",
+    ]
     for method in ("sequential", "random", "learned"):
         out = tmp_path / method
-        assert main(["partition", *small, "--towers", "2", "--method", method, "--probe-steps", "20", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "partition",
+                    *small,
+                    "--towers",
+                    "2",
+                    "--method",
+                    method,
+                    "--probe-steps",
+                    "20",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         doc = json.loads((out / "towers.json").read_text())
         assert doc["method"] == method and len(doc["towers"]) == 2
         assert sorted(f for t in doc["towers"] for f in t) == sorted(f"C{i}" for i in range(1, 9))
@@ -125,5 +156,9 @@ def test_partition_command_writes_towers_json(capsys: pytest.CaptureFixture, tmp
     assert (tmp_path / "learned" / "interaction.png").stat().st_size > 1000
     assert "towers" in (tmp_path / "learned" / "report.txt").read_text()
     capsys.readouterr()
-    assert "--towers 9 must be between 1 and" in _error(capsys, ["partition", *small, "--towers", "9", "--out", str(tmp_path)])
-    assert "--method: unknown 'kmeans'" in _error(capsys, ["partition", *small, "--towers", "2", "--method", "kmeans", "--out", str(tmp_path)])
+    assert "--towers 9 must be between 1 and" in _error(
+        capsys, ["partition", *small, "--towers", "9", "--out", str(tmp_path)]
+    )
+    assert "--method: unknown 'kmeans'" in _error(
+        capsys, ["partition", *small, "--towers", "2", "--method", "kmeans", "--out", str(tmp_path)]
+    )

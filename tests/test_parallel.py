@@ -98,7 +98,7 @@ def test_sptt_identity_equals_flat_model() -> None:
     _check(results, ref)
 
 
-@pytest.mark.parametrize("tm", ["dlrm", "dcn"])
+@pytest.mark.parametrize("tm", ["dlrm", "dcn", "wukong"])
 def test_sptt_equals_multitower_reference(tm: str) -> None:
     setup = StepSetup(DATA, ModelConfig(towers=EVEN_TOWERS, tm=tm, cr=2))
     results = _run(setup)

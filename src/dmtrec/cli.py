@@ -74,7 +74,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_data_args(p)
     _add_partition_args(p)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="dlrm", help="dlrm | dcn | fwfm")
+    g.add_argument("--model", default="dlrm", help="dlrm | dcn | fwfm | wukong")
     g.add_argument("--embedding-dim", type=int, default=16)
     g.add_argument("--bottom", type=_ints, default=[64, 32], help="bottom MLP sizes")
     g.add_argument("--top", type=_ints, default=[64, 32], help="top MLP sizes (before the logit)")
@@ -82,8 +82,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--partition", default="sequential", help="sequential | random | planted | learned"
     )
-    g.add_argument("--tm", default="identity", help="tower module: identity | dlrm | dcn")
+    g.add_argument("--tm", default="identity", help="tower module: identity | dlrm | dcn | wukong")
     g.add_argument("--cr", type=int, default=1, help="tower compression ratio (1,2,4,8,16)")
+    g.add_argument("--wukong-layers", type=int, default=2, help="Wukong: stacked layers l")
+    g.add_argument("--wukong-nf", type=int, default=8, help="Wukong: FM-block outputs nF")
+    g.add_argument("--wukong-nl", type=int, default=8, help="Wukong: linear-compress outputs nL")
+    g.add_argument("--wukong-rank", type=int, default=8, help="Wukong: optimized-FM rank k")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--batch-size", type=int, default=256, help="per rank")
@@ -205,6 +209,10 @@ def configs_from_args(args: argparse.Namespace):
         partition=args.partition,
         tm=args.tm,
         cr=args.cr,
+        wukong_layers=args.wukong_layers,
+        wukong_nf=args.wukong_nf,
+        wukong_nl=args.wukong_nl,
+        wukong_rank=args.wukong_rank,
     )
     mcfg.validate()
     tcfg = TrainConfig(

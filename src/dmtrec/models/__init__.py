@@ -16,8 +16,9 @@ from dmtrec.models.dcn import DCNHead
 from dmtrec.models.dlrm import DLRMHead
 from dmtrec.models.dmt import MultiTower
 from dmtrec.models.fwfm import FwFMHead
+from dmtrec.models.wukong import WukongHead
 
-MODELS = ("dlrm", "dcn", "fwfm")
+MODELS = ("dlrm", "dcn", "fwfm", "wukong")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class ModelConfig:
     partition: str = "sequential"
     tm: str = "identity"
     cr: int = 1
+    wukong_layers: int = 2
+    wukong_nf: int = 8
+    wukong_nl: int = 8
+    wukong_rank: int = 8
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -51,6 +56,18 @@ def make_head(cfg: ModelConfig, spec: FeatureSpec, num_sparse: int) -> nn.Module
         return DLRMHead(len(spec.dense), num_sparse, cfg.embedding_dim, cfg.bottom, cfg.top)
     if cfg.model == "fwfm":
         return FwFMHead(len(spec.dense), num_sparse, cfg.embedding_dim)
+    if cfg.model == "wukong":
+        return WukongHead(
+            len(spec.dense),
+            num_sparse,
+            cfg.embedding_dim,
+            num_layers=cfg.wukong_layers,
+            nF=cfg.wukong_nf,
+            nL=cfg.wukong_nl,
+            rank=cfg.wukong_rank,
+            top=cfg.top,
+            bottom=cfg.bottom,
+        )
     return DCNHead(
         len(spec.dense),
         num_sparse,

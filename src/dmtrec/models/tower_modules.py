@@ -3,7 +3,8 @@
 A TM maps the tower's m pooled embeddings (B x m x D) to n = m / CR "virtual features"
 (B x n x D), so the global interaction still sees D-dim vectors while the cross-host exchange
 carries CR times fewer bytes. Each non-identity TM adds an interaction order inside the tower
-(the hierarchical interaction of DMT: inside towers first, then across them).
+(the hierarchical interaction of DMT: inside towers first, then across them). ``wukong``
+(beyond the paper) is one Wukong layer (FM block + linear compression) per tower.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
 
 from dmtrec.errors import ConfigError
+from dmtrec.models.wukong import WukongTM
 
-TM_KINDS = ("identity", "dlrm", "dcn")
+TM_KINDS = ("identity", "dlrm", "dcn", "wukong")
 CRS = (1, 2, 4, 8, 16)
 
 
@@ -95,4 +97,6 @@ def make_tower_module(kind: str, num_features: int, embedding_dim: int, cr: int)
     n = num_features // cr
     if kind == "dlrm":
         return DotTM(num_features, embedding_dim, n)
+    if kind == "wukong":
+        return WukongTM(num_features, embedding_dim, n)
     return CrossTM(num_features, embedding_dim, n)
