@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p_bp.add_argument("--num-train", type=int, default=100_000)
     p_bp.add_argument("--epochs", type=int, default=2)
     p_bp.add_argument("--measures", action="store_true", help="instead: ARI of each S measure")
+    p_sc = bsub.add_parser("scaling", help="Wukong vs DLRM vs DCNv2: AUC vs GFLOP/example")
+    p_sc.add_argument("--out", default="runs/bench_scaling")
+    p_sc.add_argument("--scales", type=_ints, default=[1, 2, 4])
+    p_sc.add_argument("--seeds", type=int, default=3)
+    p_sc.add_argument("--num-train", type=int, default=100_000)
+    p_sc.add_argument("--epochs", type=int, default=2)
     try:
         if argv and argv[0] == "train":
             args = _apply_yaml(p_train, argv[1:])
@@ -395,6 +401,18 @@ def main(argv: list[str] | None = None) -> int:
                 dict(batch_size=args.batch_size, steps=args.steps, table_size=args.table_size),
             )
             print(json.dumps({k: r[k] for k in r if k != "config"}, indent=1))
+            return 0
+        if args.command == "bench" and args.bench == "scaling":
+            from dmtrec.bench.scaling import bench_scaling
+
+            bench_scaling(
+                args.out,
+                scales=tuple(args.scales),
+                seeds=args.seeds,
+                num_train=args.num_train,
+                epochs=args.epochs,
+            )
+            print(f"wrote {Path(args.out) / 'bench_scaling.json'}")
             return 0
         if args.command == "bench" and args.bench == "partition":
             from dmtrec.bench.partition import bench_measures, bench_partition
