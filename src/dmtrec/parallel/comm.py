@@ -171,7 +171,10 @@ class CommCounter:
                 if k in pos:
                     full[4 * i : 4 * i + 4] = t[4 * pos[k] : 4 * pos[k] + 4]
             t, keys = full, all_keys
+        if torch.cuda.is_available():  # NCCL reduces only accelerator tensors
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(t)
+        t = t.cpu()
         self.enabled = was
         s = max(steps, 1)
         by_kind: dict[str, dict[str, float]] = {}

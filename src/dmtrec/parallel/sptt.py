@@ -159,7 +159,8 @@ class SPTT(nn.Module):
             "virtual_order",
             torch.argsort(
                 torch.tensor(
-                    [start[k] + j for ks in host_towers for k in ks for j in range(outs[k])]
+                    [start[k] + j for ks in host_towers for k in ks for j in range(outs[k])],
+                    device=device,
                 )
             ),
             persistent=False,

@@ -174,6 +174,7 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
 
 def _loop(data, wrapped, optimizer, counter: CommCounter, tcfg: TrainConfig, rank: int, world: int):
     global_bs = tcfg.batch_size * world
+    device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "losses": []}
     ckpt = _checkpoint_dir(tcfg.out) / f"rank{rank}.pt"
     if tcfg.resume:
@@ -207,6 +208,7 @@ def _loop(data, wrapped, optimizer, counter: CommCounter, tcfg: TrainConfig, ran
         for i, batch in enumerate(batches):
             if i < state["step_in_epoch"]:
                 continue  # resume: skip what the checkpoint already trained on
+            batch = batch.to(device)
             t0 = time.perf_counter()
             counter.phase = "forward"
             logits = wrapped(batch.dense_features, batch.sparse_features)
@@ -263,18 +265,21 @@ def evaluate(data, wrapped, split: str, batch_size: int, rank: int, world: int) 
     was_training = wrapped.training
     wrapped.eval()
     logits, labels = [], []
+    device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
     for batch in shard_rows(data.batches(split, batch_size * world), rank, world):
-        logits.append(wrapped(batch.dense_features, batch.sparse_features).float())
-        labels.append(batch.labels)
+        batch = batch.to(device)
+        logits.append(wrapped(batch.dense_features, batch.sparse_features).float().cpu())
+        labels.append(batch.labels.cpu())
     wrapped.train(was_training)
     lg = torch.cat(logits) if logits else torch.zeros(0)
     lb = torch.cat(labels) if labels else torch.zeros(0)
-    if world > 1:
+    if world > 1:  # on the rank's device: NCCL gathers only accelerator tensors
+        lg, lb = lg.to(device), lb.to(device)
         parts_l = [torch.empty_like(lg) for _ in range(world)]
         parts_y = [torch.empty_like(lb) for _ in range(world)]
         dist.all_gather(parts_l, lg)
         dist.all_gather(parts_y, lb)
-        lg, lb = torch.cat(parts_l), torch.cat(parts_y)
+        lg, lb = torch.cat(parts_l).cpu(), torch.cat(parts_y).cpu()
     return {**quality(lg, lb), "eval_examples": int(lb.numel())}
 
 
