@@ -21,13 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dmtrec.data import DataConfig, load_data, shard_rows
-from dmtrec.models import ModelConfig, build_model
+from dmtrec.data import DataConfig, shard_rows
+from dmtrec.models import ModelConfig
 from dmtrec.parallel.comm import CommCounter
 from dmtrec.parallel.sharding import dense_and_fused_optimizer
 from dmtrec.parallel.topology import Topology, make_process_groups
-from dmtrec.partition import make_partition
-from dmtrec.train.trainer import TrainConfig, wrap_model
+from dmtrec.train.trainer import TrainConfig, setup_model, wrap_model
 
 
 def _measure_links(topo: Topology, nbytes: int = 1 << 22) -> dict[str, float]:
@@ -58,13 +57,7 @@ def bench_worker(
     rank, world = dist.get_rank(), dist.get_world_size()
     topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
     links = _measure_links(topo) if probe else {}
-    torch.manual_seed(tcfg.seed)
-    data = load_data(dcfg)
-    if mcfg.towers is None and mcfg.num_towers:
-        mcfg.towers = make_partition(
-            mcfg.partition, data.spec.sparse, mcfg.num_towers, data.spec.groups, tcfg.seed
-        )
-    model = build_model(mcfg, data.spec)
+    data, model = setup_model(dcfg, mcfg, tcfg.seed)
     batches = list(shard_rows(data.batches("train", tcfg.batch_size * world), rank, world))
     counter = CommCounter(topo, rank)
     times: list[float] = []

@@ -129,6 +129,17 @@ def _snapshot(wrapped, optimizer, state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def setup_model(dcfg: DataConfig, mcfg: ModelConfig, seed: int):
+    """The data and the seeded reference model (towers resolved): every rank builds the same."""
+    torch.manual_seed(seed)
+    data = load_data(dcfg)
+    if mcfg.towers is None and mcfg.num_towers:
+        mcfg.towers = make_partition(
+            mcfg.partition, data.spec.sparse, mcfg.num_towers, data.spec.groups, seed
+        )
+    return data, build_model(mcfg, data.spec)
+
+
 def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
     """Train and evaluate on this rank (inside a process group); rank 0 returns the metrics."""
     tcfg.validate()
@@ -136,13 +147,7 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
     topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
     if topo.world_size != world:
         raise ConfigError(f"--hosts x --ranks-per-host = {topo.world_size} != world size {world}")
-    torch.manual_seed(tcfg.seed)
-    data = load_data(dcfg)
-    if mcfg.towers is None and mcfg.num_towers:
-        mcfg.towers = make_partition(
-            mcfg.partition, data.spec.sparse, mcfg.num_towers, data.spec.groups, tcfg.seed
-        )
-    model = build_model(mcfg, data.spec)
+    data, model = setup_model(dcfg, mcfg, tcfg.seed)
     counter = CommCounter(topo, rank)
     with counter.install():
         wrapped = wrap_model(model, mcfg, tcfg, topo)
