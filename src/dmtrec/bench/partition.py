@@ -17,13 +17,31 @@ from typing import Any
 
 from scipy import stats
 
+from dmtrec.bench import synthetic_schedule
 from dmtrec.data import DataConfig
 from dmtrec.models import ModelConfig
 from dmtrec.parallel.launch import run_single
 from dmtrec.train.partition_job import PartitionConfig, partition_worker
-from dmtrec.train.trainer import TrainConfig, train_worker
+from dmtrec.train.trainer import train_worker
 
 METHODS = ("learned", "sequential", "random")
+
+
+def _grouped_data(
+    num_sparse: int, groups: int, rows: int, num_train: int, num_test: int, seed: int
+) -> DataConfig:
+    """Synthetic data with ``groups`` planted (shuffled) feature groups, no valid split."""
+    return DataConfig(
+        synthetic=dict(
+            num_sparse=num_sparse,
+            num_groups=groups,
+            table_size=rows,
+            num_train=num_train,
+            num_valid=0,
+            num_test=num_test,
+            seed=seed,
+        )
+    )
 
 
 def bench_measures(
@@ -41,17 +59,7 @@ def bench_measures(
 
     runs = []
     for seed in range(seeds):
-        data = DataConfig(
-            synthetic=dict(
-                num_sparse=num_sparse,
-                num_groups=towers,
-                table_size=rows,
-                num_train=num_train,
-                num_valid=0,
-                num_test=0,
-                seed=seed,
-            )
-        )
+        data = _grouped_data(num_sparse, towers, rows, num_train, 0, seed)
         for measure in INTERACTIONS:
             pcfg = PartitionConfig(
                 towers=towers, interaction=measure, probe_steps=probe_steps, seed=seed
@@ -106,17 +114,7 @@ def bench_partition(
 ) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for seed in range(seeds):
-        data = DataConfig(
-            synthetic=dict(
-                num_sparse=num_sparse,
-                num_groups=towers,
-                table_size=rows,
-                num_train=num_train,
-                num_valid=0,
-                num_test=20_000,
-                seed=seed,
-            )
-        )
+        data = _grouped_data(num_sparse, towers, rows, num_train, 20_000, seed)
         for method in METHODS:
             part = run_single(
                 partition_worker,
@@ -128,16 +126,7 @@ def bench_partition(
                 ),
             )
             mcfg = ModelConfig(towers=part["towers"], tm="dlrm", cr=cr)
-            tcfg = TrainConfig(
-                epochs=epochs,
-                batch_size=128,
-                lr=3e-3,
-                sparse_lr=0.2,
-                seed=seed,
-                progress=False,
-                out=f"{out}/seed{seed}_{method}",
-                log_every=0,
-            )
+            tcfg = synthetic_schedule(epochs, seed, f"{out}/seed{seed}_{method}")
             m = run_single(train_worker, (data, mcfg, tcfg))
             runs.append(
                 {

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dmtrec.bench import synthetic_schedule
 from dmtrec.data import DataConfig, load_data
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.parallel.launch import run_single
-from dmtrec.train.trainer import TrainConfig, train_worker
+from dmtrec.train.trainer import train_worker
 
 MODELS = ("dlrm", "dcn", "wukong")
 
@@ -86,16 +87,7 @@ def bench_scaling(
             gflop = flops_per_example(mcfg, DataConfig(synthetic=base)) / 1e9
             for seed in range(seeds):
                 data = DataConfig(synthetic={**base, "seed": seed})
-                tcfg = TrainConfig(
-                    epochs=epochs,
-                    batch_size=128,
-                    lr=3e-3,
-                    sparse_lr=0.2,
-                    seed=seed,
-                    progress=False,
-                    out=f"{out}/{name}_s{scale}_seed{seed}",
-                    log_every=0,
-                )
+                tcfg = synthetic_schedule(epochs, seed, f"{out}/{name}_s{scale}_seed{seed}")
                 m = run_single(train_worker, (data, mcfg, tcfg))
                 runs.append(
                     {
