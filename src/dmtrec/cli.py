@@ -374,6 +374,25 @@ def main(argv: list[str] | None = None) -> int:
     p_sc.add_argument("--seeds", type=int, default=3)
     p_sc.add_argument("--num-train", type=int, default=100_000)
     p_sc.add_argument("--epochs", type=int, default=2)
+    p_sim = sub.add_parser(
+        "simulate", help="alpha-beta projection of DMT vs baseline to 16-512 GPUs"
+    )
+    p_sim.add_argument("--out", default="runs/simulate")
+    p_sim.add_argument("--hardware", type=_names, default=["v100", "a100", "h100"])
+    p_sim.add_argument("--gpus", type=_ints, default=[16, 32, 64, 128, 256, 512])
+    p_sim.add_argument("--crs", type=_ints, default=[1, 2, 4])
+    p_sim.add_argument("--num-sparse", type=int, default=256)
+    p_sim.add_argument("--embedding-dim", type=int, default=128)
+    p_sim.add_argument("--pooling", type=float, default=10.0, help="ids per feature per example")
+    p_sim.add_argument("--batch-size", type=int, default=1024, help="per GPU")
+    p_sim.add_argument("--alpha-cross-us", type=float, default=None, help="per-message latency")
+    p_sim.add_argument("--alpha-intra-us", type=float, default=None)
+    p_sim.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="BENCH_JSON",
+        help="UNSHAPED.json (bench dmt --link none) FIT.json [HELD_OUT.json ...]",
+    )
     try:
         if argv and argv[0] == "train":
             args = _apply_yaml(p_train, argv[1:])
@@ -391,6 +410,31 @@ def main(argv: list[str] | None = None) -> int:
             from dmtrec.demo import run_demo
 
             return run_demo(args.out)
+        if args.command == "simulate":
+            from dmtrec.bench.simulate import Workload, run_simulate
+
+            for opt in ("num_sparse", "embedding_dim", "batch_size"):
+                if getattr(args, opt) < 1:
+                    raise ConfigError(f"--{opt.replace('_', '-')} must be >= 1")
+            if args.pooling <= 0:
+                raise ConfigError("--pooling must be > 0")
+            run_simulate(
+                args.out,
+                hardware=args.hardware,
+                gpus=args.gpus,
+                crs=args.crs,
+                workload=Workload(
+                    num_sparse=args.num_sparse,
+                    embedding_dim=args.embedding_dim,
+                    pooling=args.pooling,
+                    batch_per_gpu=args.batch_size,
+                ),
+                calibration=args.calibrate,
+                alpha_cross_us=args.alpha_cross_us,
+                alpha_intra_us=args.alpha_intra_us,
+            )
+            print(f"wrote {Path(args.out) / 'simulate.json'}")
+            return 0
         if args.command == "bench" and args.bench == "flat":
             from dmtrec.bench.flat import bench_flat
             from dmtrec.parallel.launch import run_single

@@ -1,0 +1,532 @@
+"""``dmtrec simulate``: project DMT vs hybrid-parallel step time from one box to 16-512 GPUs.
+
+An alpha-beta model per link class. Every all-to-all is modelled as pairwise exchange
+(Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication Operations in MPICH",
+IJHPCA 2005): a rank sends one message to each peer, each costing ``alpha + bytes / bandwidth``
+of the link it crosses; peers inside the host (NVLink) and across hosts (NIC) are served
+concurrently by different hardware, so the collective takes the slower of the two link classes:
+
+    t_a2a = max( (L_peers) * alpha_intra + V_intra / BW_intra ,
+                 (X_peers) * alpha_cross + V_cross / BW_cross )
+
+Dense gradients are all-reduced with a ring over the slowest link:
+``2 (p-1) alpha + 2 (p-1)/p * M / BW``. Compute is roofline: dense FLOPs (fwd + 2x for bwd) at
+``mfu`` of peak, embedding rows moved (lookup, gradient, row-wise Adagrad update) at
+``lookup_efficiency`` of HBM bandwidth. No overlap of communication with compute is assumed
+(both systems would gain from it; the ratio is what we report).
+
+Dataflow of one training step per GPU (N = H hosts x L GPUs, local batch B, F features with
+pooling factor P, dim D, K = H towers of m = F/H features, one tower per host; see
+``../shared/notes/dmt.md``):
+
+- baseline (TorchRec table-wise): ids AlltoAll over N; pooled AlltoAll over N, forward and
+  backward; dense DLRM on F features; all-reduce of the dense parameters over N.
+- DMT (SPTT + TM): ids peer AlltoAll over H (cross only); ids and pooled AlltoAll inside the
+  host over L (NVLink); tower module on the host's H*B samples; compressed pooled peer AlltoAll
+  over H (bytes / CR), forward and backward; the head on F/CR virtual features; all-reduce of
+  the head over N and of the tower modules over L.
+
+The cross-host pooled bytes per GPU are the same in both at CR=1, ``B F D e (H-1)/H``; what
+differs is the number of peers a rank talks to across hosts, N-L against H-1 (the paper's
+"running in a smaller world size improves communication throughput"), and the bytes / CR.
+
+Calibration (``calibrate``): the emulated 2 x 2 benchmark gives, per run, the step time on
+unshaped loopback (compute plus fast communication) and on the shaped links, and the exact
+bytes and messages of every run. The emulated model is
+``t_shaped = t_unshaped + alpha * messages_per_rank + (bytes per host NIC) / (eta * BW)``, a
+linear least-squares fit of (alpha, 1/eta) on one shaped run; it is then scored on the speedups
+of the other shaped runs (other bandwidths), which it never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmtrec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU generation in a DGX-class host. Bandwidths are per GPU, per direction."""
+
+    name: str
+    gpus_per_host: int
+    intra_GBps: float
+    cross_GBps: float
+    peak_tflops: float  # dense fp16/bf16 tensor-core peak
+    hbm_GBps: float
+    alpha_intra_us: float = 5.0
+    alpha_cross_us: float = 15.0
+    source: str = ""
+
+
+# Published link figures (NVIDIA DGX-1/DGX A100/DGX H100 datasheets and user guides; the
+# NVLink figure is bidirectional per GPU, halved here to one direction; the NIC figure is the
+# ConnectX bandwidth per GPU). Latencies are our setting, of the order of NCCL's own tuning
+# model (src/graph/tuning.cc: NVLink ring/Simple hwLat 3.4 us, base latency 8.4 us; the
+# network adds ~5-10 us per hop). All of these are settings (``--intra-gbps`` etc.), not
+# constants: Meta's ZionEX/Grand Teton hosts differ in NIC count, and the paper's exact
+# topology is not public.
+HARDWARE: dict[str, Hardware] = {
+    "v100": Hardware(
+        "v100",
+        8,
+        intra_GBps=150.0,  # NVLink 2: 6 links x 50 GB/s = 300 GB/s bidirectional
+        cross_GBps=6.25,  # DGX-1: 4x EDR 100 Gb/s IB for 8 GPUs = 50 Gb/s per GPU
+        peak_tflops=125.0,  # V100 SXM2 tensor core fp16
+        hbm_GBps=900.0,
+        source="DGX-1 (V100 SXM2): NVLink 2 300 GB/s bidir/GPU; 4x EDR IB 100 Gb/s per 8 GPUs",
+    ),
+    "a100": Hardware(
+        "a100",
+        8,
+        intra_GBps=300.0,  # NVLink 3: 12 x 50 GB/s = 600 GB/s bidirectional
+        cross_GBps=25.0,  # DGX A100: 8x ConnectX-6 HDR 200 Gb/s, one per GPU
+        peak_tflops=312.0,  # A100 SXM bf16 dense
+        hbm_GBps=2039.0,  # A100 80GB SXM
+        source="DGX A100: NVLink 3 600 GB/s bidir/GPU; 8x HDR IB 200 Gb/s (1 per GPU)",
+    ),
+    "h100": Hardware(
+        "h100",
+        8,
+        intra_GBps=450.0,  # NVLink 4: 18 x 50 GB/s = 900 GB/s bidirectional
+        cross_GBps=50.0,  # DGX H100: 8x ConnectX-7 NDR 400 Gb/s, one per GPU
+        peak_tflops=989.0,  # H100 SXM bf16 dense
+        hbm_GBps=3350.0,
+        source="DGX H100: NVLink 4 900 GB/s bidir/GPU; 8x NDR IB 400 Gb/s (1 per GPU)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model and batch of the projection. Defaults: a DLRM-scale ranking model (our choice,
+    documented in the README): MLPerf DLRM's MLPs and dim 128, with the hundreds of sparse
+    features of production models (Neo/ZionEX, arXiv 2104.05158), multi-hot (pooling 10),
+    fp16 embedding communication as in Neo, fixed local batch (weak scaling)."""
+
+    num_sparse: int = 256
+    embedding_dim: int = 128
+    pooling: float = 10.0
+    batch_per_gpu: int = 1024
+    num_dense: int = 13
+    bottom: tuple[int, ...] = (512, 256, 128)
+    top: tuple[int, ...] = (1024, 1024, 512, 256, 1)
+    comm_bytes: int = 2  # pooled embeddings and their gradients (fp16)
+    id_bytes: int = 8  # int64 ids (+ int32 lengths)
+    weight_bytes: int = 4  # fp32 tables
+    grad_bytes: int = 4  # fp32 dense all-reduce
+    mfu: float = 0.35  # fraction of peak the dense part reaches
+    lookup_efficiency: float = 0.5  # fraction of HBM bandwidth the embedding kernels reach
+    max_tower: int = 16  # most features in one tower (sets K, see ``num_towers``)
+
+
+@dataclass(frozen=True)
+class Links:
+    """Effective per-rank link model: bytes/s and seconds per message of each link class."""
+
+    intra_Bps: float
+    cross_Bps: float
+    alpha_intra_s: float
+    alpha_cross_s: float
+
+    @classmethod
+    def of(cls, hw: Hardware) -> Links:
+        return cls(
+            hw.intra_GBps * 1e9,
+            hw.cross_GBps * 1e9,
+            hw.alpha_intra_us * 1e-6,
+            hw.alpha_cross_us * 1e-6,
+        )
+
+
+# -- closed forms ---------------------------------------------------------------------------
+
+
+def a2a_time(bytes_per_peer: float, intra_peers: int, cross_peers: int, links: Links) -> float:
+    """Pairwise-exchange all-to-all: one message per peer; link classes run concurrently."""
+    intra = intra_peers * (links.alpha_intra_s + bytes_per_peer / links.intra_Bps)
+    cross = cross_peers * (links.alpha_cross_s + bytes_per_peer / links.cross_Bps)
+    return max(intra, cross)
+
+
+def allreduce_time(nbytes: float, ranks: int, bw_Bps: float, alpha_s: float) -> float:
+    """Ring all-reduce of ``nbytes``: 2(p-1) steps of nbytes/p each."""
+    if ranks <= 1:
+        return 0.0
+    return 2 * (ranks - 1) * (alpha_s + nbytes / ranks / bw_Bps)
+
+
+def mlp_flops(sizes: list[int]) -> float:
+    """Forward FLOPs of a chain of Linear layers ``sizes[0] -> sizes[1] -> ...`` per example."""
+    return float(sum(2 * a * b for a, b in zip(sizes, sizes[1:], strict=False)))
+
+
+def mlp_params(sizes: list[int]) -> float:
+    return float(sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False)))
+
+
+def dlrm_dense(w: Workload, num_features: int) -> tuple[float, float]:
+    """(forward FLOPs per example, parameters) of a DLRM dense part over ``num_features``
+    embedding vectors: bottom MLP, pairwise dots of the F+1 vectors, top MLP."""
+    d = w.embedding_dim
+    bottom = [w.num_dense, *w.bottom]
+    n = num_features + 1
+    pairs = n * (n - 1) // 2
+    top = [w.bottom[-1] + pairs, *w.top]
+    flops = mlp_flops(bottom) + 2.0 * d * pairs + mlp_flops(top)
+    return flops, mlp_params(bottom) + mlp_params(top)
+
+
+def dot_tm(w: Workload, m: int, cr: int) -> tuple[float, float]:
+    """(forward FLOPs per example, parameters) of one DLRM tower module: pairwise dots of the
+    tower's m embeddings, then a linear map of (embeddings, dots) to m/CR vectors of dim D."""
+    if cr == 1:
+        return 0.0, 0.0  # identity TM
+    d = w.embedding_dim
+    pairs = m * (m - 1) // 2
+    sizes = [m * d + pairs, (m // cr) * d]
+    return 2.0 * d * pairs + mlp_flops(sizes), mlp_params(sizes)
+
+
+def _compute(w: Workload, hw: Hardware, flops_per_example: float, samples: float) -> float:
+    return 3.0 * flops_per_example * samples / (hw.peak_tflops * 1e12 * w.mfu)
+
+
+def _lookup(w: Workload, hw: Hardware) -> float:
+    # Each GPU pools B*F*P rows in total in both systems (its tables, everybody's samples):
+    # read in forward, gradient rows written in backward, row-wise Adagrad read-modify-write.
+    rows = w.batch_per_gpu * w.num_sparse * w.pooling
+    return 4.0 * rows * w.embedding_dim * w.weight_bytes / (hw.hbm_GBps * 1e9 * w.lookup_efficiency)
+
+
+def baseline_step(
+    w: Workload, hw: Hardware, gpus: int, links: Links | None = None
+) -> dict[str, float]:
+    """Seconds per step of TorchRec hybrid parallelism (table-wise) on ``gpus`` GPUs."""
+    lk = links or Links.of(hw)
+    n, loc = gpus, min(hw.gpus_per_host, gpus)
+    b, f, d = w.batch_per_gpu, w.num_sparse, w.embedding_dim
+    ids_peer = b * f * (w.pooling * w.id_bytes + 4) / n
+    pooled_peer = b * f * d * w.comm_bytes / n
+    flops, params = dlrm_dense(w, f)
+    hosts = n // loc
+    ar_bw, ar_alpha = (
+        (lk.cross_Bps, lk.alpha_cross_s) if hosts > 1 else (lk.intra_Bps, lk.alpha_intra_s)
+    )
+    parts = {
+        "ids_a2a": a2a_time(ids_peer, loc - 1, n - loc, lk),
+        "pooled_a2a": 2 * a2a_time(pooled_peer, loc - 1, n - loc, lk),
+        "lookup": _lookup(w, hw),
+        "dense": _compute(w, hw, flops, b),
+        "allreduce": allreduce_time(params * w.grad_bytes, n, ar_bw, ar_alpha),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def num_towers(w: Workload, hosts: int) -> int:
+    """K: one tower per host, more when a host's share of features exceeds ``max_tower``
+    (a TM's projection grows with the square of its width); a multiple of H."""
+    per_host = w.num_sparse // hosts
+    return hosts * max(1, math.ceil(per_host / w.max_tower))
+
+
+def dmt_step(
+    w: Workload, hw: Hardware, gpus: int, cr: int, links: Links | None = None
+) -> dict[str, float]:
+    """Seconds per step of DMT (SPTT, K towers spread evenly over the hosts, DLRM tower
+    modules at ``cr``)."""
+    lk = links or Links.of(hw)
+    loc = min(hw.gpus_per_host, gpus)
+    hosts = gpus // loc
+    b, f, d = w.batch_per_gpu, w.num_sparse, w.embedding_dim
+    k = num_towers(w, hosts)
+    if f % k or (f // k) % cr:
+        raise ConfigError(
+            f"{f} features over {k} towers must give towers whose width divides by CR={cr}"
+        )
+    m = f // k  # features per tower
+    mh = f // hosts  # features per host
+    # (1) ids of host h's features for my B samples go to host h's rank with my local rank.
+    ids_peer = a2a_time(b * mh * (w.pooling * w.id_bytes + 4), 0, hosts - 1, lk)
+    # (2) inside the host, its tables are sharded over L ranks: ids and pooled embeddings of
+    # H*B samples x mh features, 1/L to each local peer.
+    ids_intra = a2a_time(hosts * b * mh * (w.pooling * w.id_bytes + 4) / loc, loc - 1, 0, lk)
+    pooled_intra = 2 * a2a_time(hosts * b * mh * d * w.comm_bytes / loc, loc - 1, 0, lk)
+    # (3) the host's K/H TMs on its H*B samples; (4) their outputs, mh/CR vectors per sample,
+    # back to the samples' home ranks.
+    tm_flops, tm_params = dot_tm(w, m, cr)
+    pooled_peer = 2 * a2a_time(b * (mh // cr) * d * w.comm_bytes, 0, hosts - 1, lk)
+    head_flops, head_params = dlrm_dense(w, f // cr)
+    ar_bw, ar_alpha = (
+        (lk.cross_Bps, lk.alpha_cross_s) if hosts > 1 else (lk.intra_Bps, lk.alpha_intra_s)
+    )
+    parts = {
+        "ids_a2a": ids_peer + ids_intra,
+        "pooled_a2a": pooled_intra + pooled_peer,
+        "lookup": _lookup(w, hw),
+        "dense": _compute(w, hw, head_flops, b)
+        + _compute(w, hw, tm_flops * (k // hosts), hosts * b),
+        "allreduce": allreduce_time(head_params * w.grad_bytes, gpus, ar_bw, ar_alpha)
+        + allreduce_time(
+            tm_params * (k // hosts) * w.grad_bytes, loc, lk.intra_Bps, lk.alpha_intra_s
+        ),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def cross_pooled_bytes(w: Workload, gpus: int, gpus_per_host: int, cr: int | None) -> float:
+    """Pooled-embedding bytes one GPU sends across hosts per forward (``cr=None``: baseline)."""
+    hosts = gpus // gpus_per_host
+    b, f, d = w.batch_per_gpu, w.num_sparse, w.embedding_dim
+    if cr is None:
+        return (gpus - gpus_per_host) * b * f * d * w.comm_bytes / gpus
+    return (hosts - 1) * b * (f // hosts // cr) * d * w.comm_bytes
+
+
+def simulate(
+    hw: Hardware, gpus: list[int], crs: list[int], w: Workload | None = None
+) -> list[dict[str, Any]]:
+    """Rows of (gpus, cr): baseline and DMT step time, their breakdowns and the speedup."""
+    w = w or Workload()
+    rows = []
+    for n in gpus:
+        if n % hw.gpus_per_host or n < 2 * hw.gpus_per_host:
+            raise ConfigError(
+                f"--gpus {n}: need a multiple of {hw.gpus_per_host} GPUs per host and >= 2 hosts"
+            )
+        base = baseline_step(w, hw, n)
+        for cr in crs:
+            dmt = dmt_step(w, hw, n, cr)
+            rows.append(
+                {
+                    "gpus": n,
+                    "hosts": n // hw.gpus_per_host,
+                    "cr": cr,
+                    "baseline_step_s": base["total"],
+                    "dmt_step_s": dmt["total"],
+                    "speedup": base["total"] / dmt["total"],
+                    "baseline_breakdown_s": base,
+                    "dmt_breakdown_s": dmt,
+                }
+            )
+    return rows
+
+
+# -- calibration on the emulated benchmark ---------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Fitted emulated-link parameters and how well they predict held-out speedups."""
+
+    alpha_s: float
+    eta: float
+    fit_on: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def max_speedup_error(self) -> float:
+        return max((abs(c["rel_error"]) for c in self.checks), default=float("nan"))
+
+
+def _runs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in report["runs"]}
+
+
+def _features(run: dict[str, Any], report: dict[str, Any]) -> tuple[float, float]:
+    """(messages per rank, seconds of shaped transfer at eta = 1) of one run."""
+    hosts, world = report["hosts"], report["hosts"] * report["ranks_per_host"]
+    link = report["link"]
+    cross_Bps = link["cross_mbit"] * 1e6 / 8
+    intra_Bps = link["intra_mbit"] * 1e6 / 8
+    # Every host NIC carries 1/H of the cross-host bytes; every host's loopback 1/H of the
+    # intra-host bytes; the two link classes are shaped independently and both are serial
+    # on the step's critical path in this small setting.
+    seconds = (run["cross_host_bytes_per_step"] / hosts) / cross_Bps + (
+        run["intra_host_bytes_per_step"] / hosts
+    ) / intra_Bps
+    return run["cross_host_messages_per_step"] / world, seconds
+
+
+def _predict(
+    unshaped: dict[str, Any], shaped: dict[str, Any], alpha: float, inv_eta: float
+) -> dict[str, float]:
+    base = _runs(unshaped)
+    return {
+        name: base[name]["step_s_median"] + alpha * x[0] + inv_eta * x[1]
+        for name, run in _runs(shaped).items()
+        if name in base
+        for x in [_features(run, shaped)]
+    }
+
+
+def _speedups(times: dict[str, float]) -> dict[str, float]:
+    best = min(t for n, t in times.items() if n.startswith("baseline"))
+    return {n: best / t for n, t in times.items()}
+
+
+def calibrate(
+    unshaped: dict[str, Any], fit: dict[str, Any], held_out: list[dict[str, Any]]
+) -> Calibration:
+    """Fit (alpha, 1/eta) by non-negative least squares on ``fit``'s step times; score the
+    predicted speedups of every run of ``fit`` and of each ``held_out`` report."""
+    from scipy.optimize import nnls
+
+    for rep in (unshaped, fit, *held_out):
+        if "runs" not in rep or "hosts" not in rep:
+            raise ConfigError("calibration input is not a bench.json of `dmtrec bench dmt`")
+    if unshaped["link_mode"] == "netns":
+        raise ConfigError("the first calibration file must be a `bench dmt --link none` run")
+    base = _runs(unshaped)
+    rows, target = [], []
+    for name, run in _runs(fit).items():
+        if name in base:
+            rows.append(_features(run, fit))
+            target.append(run["step_s_median"] - base[name]["step_s_median"])
+    if len(rows) < 2:
+        raise ConfigError("calibration needs >= 2 runs present in both bench.json files")
+    (alpha, inv_eta), _ = nnls(np.asarray(rows), np.asarray(target))
+    if inv_eta <= 0:
+        raise ConfigError("calibration found no bandwidth term; are the links really shaped?")
+    cal = Calibration(alpha_s=float(alpha), eta=float(1 / inv_eta), fit_on=_label(fit))
+    for rep, role in [(fit, "fit"), *[(h, "held_out") for h in held_out]]:
+        pred = _speedups(_predict(unshaped, rep, alpha, inv_eta))
+        meas = {n: r["speedup_vs_baseline"] for n, r in _runs(rep).items()}
+        for name in pred:
+            cal.checks.append(
+                {
+                    "report": _label(rep),
+                    "role": role,
+                    "run": name,
+                    "measured_speedup": meas[name],
+                    "predicted_speedup": pred[name],
+                    "rel_error": pred[name] / meas[name] - 1.0,
+                }
+            )
+    return cal
+
+
+def _label(report: dict[str, Any]) -> str:
+    link = report.get("link", {})
+    return f"{report['hosts']}x{report['ranks_per_host']} {report['link_mode']} {link.get('cross_mbit', '-')} Mbit"
+
+
+def load_bench(path: str) -> dict[str, Any]:
+    """A ``bench.json``, or a one-line error naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg})") from None
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def run_simulate(
+    out: str,
+    *,
+    hardware: list[str],
+    gpus: list[int],
+    crs: list[int],
+    workload: Workload | None = None,
+    calibration: list[str] | None = None,
+    alpha_cross_us: float | None = None,
+    alpha_intra_us: float | None = None,
+) -> dict[str, Any]:
+    """Simulate each hardware generation; optionally calibrate on bench.json files
+    (``[unshaped, fit, held_out...]``). Writes ``OUT/simulate.json`` and ``OUT/simulate.png``."""
+    w = workload or Workload()
+    report: dict[str, Any] = {
+        "workload": asdict(w),
+        "model": __doc__.split("\n\n")[1],
+        "hardware": {},
+    }
+    for name in hardware:
+        if name not in HARDWARE:
+            raise ConfigError(f"--hardware {name}: expected one of {', '.join(HARDWARE)}")
+        hw = HARDWARE[name]
+        if alpha_cross_us is not None:
+            hw = replace(hw, alpha_cross_us=alpha_cross_us)
+        if alpha_intra_us is not None:
+            hw = replace(hw, alpha_intra_us=alpha_intra_us)
+        report["hardware"][name] = {"settings": asdict(hw), "rows": simulate(hw, gpus, crs, w)}
+    if calibration:
+        if len(calibration) < 2:
+            raise ConfigError("--calibrate needs UNSHAPED.json SHAPED.json [HELD_OUT.json ...]")
+        reps = [load_bench(p) for p in calibration]
+        cal = calibrate(reps[0], reps[1], reps[2:])
+        report["calibration"] = {
+            "files": calibration,
+            "alpha_s_per_message": cal.alpha_s,
+            "bandwidth_efficiency": cal.eta,
+            "fit_on": cal.fit_on,
+            "max_abs_speedup_error": cal.max_speedup_error,
+            "checks": cal.checks,
+        }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "simulate.json").write_text(json.dumps(report, indent=2))
+    _plot(report, crs, Path(out) / "simulate.png")
+    _print(report)
+    return report
+
+
+def _print(report: dict[str, Any]) -> None:
+    for name, h in report["hardware"].items():
+        print(f"{name}: {h['settings']['source']}")
+        print(f"{'GPUs':>6}{'CR':>4}{'baseline ms':>13}{'DMT ms':>9}{'speedup':>9}")
+        for r in h["rows"]:
+            print(
+                f"{r['gpus']:>6}{r['cr']:>4}{r['baseline_step_s'] * 1e3:>13.2f}"
+                f"{r['dmt_step_s'] * 1e3:>9.2f}{r['speedup']:>9.2f}"
+            )
+    cal = report.get("calibration")
+    if cal:
+        print(
+            f"calibration on {cal['fit_on']}: alpha {cal['alpha_s_per_message'] * 1e3:.2f} ms/message, "
+            f"bandwidth efficiency {cal['bandwidth_efficiency']:.2f}"
+        )
+        for c in cal["checks"]:
+            print(
+                f"  {c['role']:<9}{c['report']:<26}{c['run']:<22}measured {c['measured_speedup']:.2f}"
+                f"  predicted {c['predicted_speedup']:.2f}  ({c['rel_error']:+.0%})"
+            )
+        print(f"  max |error| {cal['max_abs_speedup_error']:.0%}")
+
+
+def _plot(report: dict[str, Any], crs: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, h in report["hardware"].items():
+        for cr, style in zip(crs, ["-", "--", ":", "-."] * 4, strict=False):
+            rs = [r for r in h["rows"] if r["cr"] == cr]
+            ax.plot(
+                [r["gpus"] for r in rs],
+                [r["speedup"] for r in rs],
+                style,
+                marker="o",
+                label=f"{name} CR={cr}",
+            )
+    ax.axhline(1.0, color="#999", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("DMT speedup over hybrid parallel")
+    ax.set_title("alpha-beta projection (dmtrec simulate)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
