@@ -148,7 +148,9 @@ class SPTT(nn.Module):
             [towers[k] for k in mine], [model.tower_modules[k] for k in mine]
         ).to(device)
         if any(p.requires_grad for p in towers_mod.parameters()):
-            towers_mod = DistributedDataParallel(towers_mod, process_group=groups.intra)
+            towers_mod = DistributedDataParallel(
+                towers_mod, process_group=groups.intra, broadcast_buffers=False
+            )
             count_ddp(towers_mod)
         self.host_towers = towers_mod
         # 4. widths (numbers per sample) each host returns; reorder host-major -> tower order
@@ -167,7 +169,12 @@ class SPTT(nn.Module):
         )
         # 5. the global head, data parallel over all ranks
         head = model.head.to(device)
-        self.head = DistributedDataParallel(head, process_group=groups.world)
+        # No buffer broadcast per forward (as TorchRec's DMP wraps its dense part): the head's
+        # buffers are constants (e.g. the interaction's triu indices), and the broadcast is a
+        # world-wide collective, i.e. one more cross-host synchronisation every step.
+        self.head = DistributedDataParallel(
+            head, process_group=groups.world, broadcast_buffers=False
+        )
         count_ddp(self.head)
 
     @property
