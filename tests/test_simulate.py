@@ -122,23 +122,30 @@ def _report(mode: str, mbit: float, steps: dict[str, float]) -> dict:
     return rep
 
 
-def _shaped(unshaped: dict, mbit: float, alpha: float, eta: float) -> dict:
-    """The same runs on a shaped link, timed by the emulated model with planted alpha, eta."""
+def _shaped(unshaped: dict, mbit: float, kappa: float, alpha: float, eta: float) -> dict:
+    """The same runs on a shaped link, timed by the emulated model with planted parameters."""
     steps = {}
     for r in unshaped["runs"]:
         sec = (r["cross_host_bytes_per_step"] / 2) / (mbit * 1e6 / 8) + (
             r["intra_host_bytes_per_step"] / 2
         ) / (48 * mbit * 1e6 / 8)
         msgs = r["cross_host_messages_per_step"] / 4
-        steps[r["name"]] = r["step_s_median"] + alpha * msgs + sec / eta
+        steps[r["name"]] = kappa * r["step_s_median"] + alpha * msgs + sec / eta
     return _report("netns", mbit, steps)
 
 
 def test_calibration_recovers_planted_link_parameters() -> None:
-    unshaped = _report("none", 0.0, {"baseline_table_wise": 0.05, "dmt_cr1": 0.08, "dmt_cr4": 0.07})
-    fit = _shaped(unshaped, 100.0, alpha=2e-3, eta=0.8)
-    held = _shaped(unshaped, 25.0, alpha=2e-3, eta=0.8)
+    steps = {
+        "baseline_table_wise": 0.05,
+        "baseline_row_wise": 0.09,
+        "dmt_cr1": 0.08,
+        "dmt_cr4": 0.07,
+    }
+    unshaped = _report("none", 0.0, steps)  # 4 runs, 3 parameters: an over-determined fit
+    fit = _shaped(unshaped, 100.0, kappa=0.6, alpha=2e-3, eta=0.8)
+    held = _shaped(unshaped, 25.0, kappa=0.6, alpha=2e-3, eta=0.8)
     cal = sim.calibrate(unshaped, fit, [held])
+    assert cal.kappa == pytest.approx(0.6, rel=1e-6)
     assert cal.alpha_s == pytest.approx(2e-3, rel=1e-6)
     assert cal.eta == pytest.approx(0.8, rel=1e-6)
     assert {c["role"] for c in cal.checks} == {"fit", "held_out"}
@@ -147,7 +154,7 @@ def test_calibration_recovers_planted_link_parameters() -> None:
 
 def test_calibration_rejects_a_shaped_file_as_the_unshaped_one(tmp_path: Path) -> None:
     unshaped = _report("none", 0.0, {"baseline_table_wise": 0.05, "dmt_cr1": 0.08})
-    fit = _shaped(unshaped, 100.0, alpha=0.0, eta=1.0)
+    fit = _shaped(unshaped, 100.0, kappa=1.0, alpha=0.0, eta=1.0)
     with pytest.raises(sim.ConfigError, match="--link none"):
         sim.calibrate(fit, fit, [])
 

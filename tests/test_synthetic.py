@@ -84,8 +84,20 @@ def test_interaction_signal_lives_inside_groups() -> None:
         (dict(num_groups=30), "--num-groups 30"),
         (dict(order=4), "--order must be 2 or 3"),
         (dict(table_size=1), "--table-size"),
+        (dict(order=3, triple_share=1.5), "--triple-share must be in"),
     ],
 )
 def test_bad_synthetic_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SyntheticData(SyntheticConfig(**{**SMALL, **kwargs}))
+
+
+@pytest.mark.parametrize("share", [0.2, 0.8])
+def test_triple_share_sets_the_variance_of_the_third_order(share: float) -> None:
+    d = SyntheticData(SyntheticConfig(**{**SMALL, "num_test": 20_000}, order=3, triple_share=share))
+    _, ids, _, _ = d._splits["test"]
+    pair, triple = d._orders(ids)
+    vp, vt = (d._order_w[0] * pair).var(), (d._order_w[1] * triple).var()
+    assert vt / (vp + vt) == pytest.approx(share, abs=0.03)
+    # and the triples are really there: the planted logit is not a function of the pairs alone
+    assert np.corrcoef(pair, triple)[0, 1] ** 2 < 0.1

@@ -48,6 +48,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-groups", type=int, default=4, help="synthetic planted groups")
     g.add_argument("--rows", type=int, default=1000, help="synthetic rows per table")
     g.add_argument("--order", type=int, default=2, help="synthetic interaction order (2 or 3)")
+    g.add_argument(
+        "--triple-share", type=float, default=0.5, help="order 3: variance share of the triples"
+    )
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -163,6 +166,7 @@ def data_config_from_args(args: argparse.Namespace):
             num_groups=args.num_groups,
             table_size=args.rows,
             order=args.order,
+            triple_share=args.triple_share,
             seed=args.seed,
         ),
     )

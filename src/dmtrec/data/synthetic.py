@@ -5,6 +5,9 @@ Sparse features fall into ``num_groups`` groups; the true logit is
     bias + w . dense + sum_i m_i[x_i] + s2 * sum_g sum_{i<j in g} <U_i[x_i], U_j[x_j]>
                                       (+ s3 * sum_g sum_{i<j<k in g} sum_r U_i U_j U_k, order 3)
 
+(the order-3 term is the ANOVA kernel of higher-order FMs, Blondel et al. 2016; ``triple_share``
+sets the fraction of the interaction variance it carries, so the third order can matter)
+
 with per-id main effects ``m_i`` and latent vectors ``U_i`` (rank ``latent_rank``). So the true
 interaction matrix is block-diagonal by group (the partitioner can be scored against it), a tower
 layout aligned with the groups loses nothing, and the AUC of the true logit (``oracle_auc``)
@@ -39,6 +42,7 @@ class SyntheticConfig:
     num_test: int = 20_000
     latent_rank: int = 4
     order: int = 2  # highest planted interaction order: 2 (pairs) or 3 (adds triples)
+    triple_share: float = 0.5  # order 3: share of the interaction variance from the triples
     zipf_alpha: float = 1.05
     logit_std: float = 1.5  # scale of the interaction part of the true logit
     base_rate: float = 0.25
@@ -57,6 +61,8 @@ class SyntheticConfig:
             raise ConfigError("--table-size must be >= 2")
         if self.order not in (2, 3):
             raise ConfigError(f"--order must be 2 or 3, not {self.order}")
+        if not 0.0 <= self.triple_share <= 1.0:
+            raise ConfigError(f"--triple-share must be in [0, 1], not {self.triple_share}")
         for name in ("num_train", "num_valid", "num_test"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
@@ -90,7 +96,14 @@ class SyntheticData:
         # Calibrate the interaction scale and bias on a sample so logits have the set spread.
         self._scale = 1.0
         self._bias = 0.0
+        self._order_w = (1.0, 0.0)
         dense, ids = self._features(rng, 20_000)
+        if c.order >= 3:  # weight each order's term to its share of the variance
+            pair, triple = self._orders(ids)
+            self._order_w = (
+                np.sqrt(1.0 - c.triple_share) / max(pair.std(), 1e-9),
+                np.sqrt(c.triple_share) / max(triple.std(), 1e-9),
+            )
         inter = self._interaction(ids)
         self._scale = c.logit_std / max(inter.std(), 1e-9)
         logit = self._logit(dense, ids)
@@ -121,20 +134,25 @@ class SyntheticData:
         ids = self._id_perm[np.arange(c.num_sparse)[None, :], raw].astype(np.int64)
         return dense, ids
 
-    def _interaction(self, ids: np.ndarray) -> np.ndarray:
+    def _orders(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pairwise, triple) planted terms, summed over groups, unweighted."""
         c = self.config
         vecs = self._latent[np.arange(c.num_sparse)[None, :], ids]  # n x F x r
-        out = np.zeros(len(ids))
+        pair, triple = np.zeros(len(ids)), np.zeros(len(ids))
         for g in range(c.num_groups):
             v = vecs[:, self.groups == g, :]  # n x m x r
             s = v.sum(axis=1)
             # sum_{i<j} <v_i, v_j> = (|sum v|^2 - sum |v_i|^2) / 2
-            out += 0.5 * ((s * s).sum(-1) - (v * v).sum((1, 2)))
+            pair += 0.5 * ((s * s).sum(-1) - (v * v).sum((1, 2)))
             if c.order >= 3:
                 # e3 = sum_{i<j<k} prod, per latent coordinate (Newton's identities)
                 p1, p2, p3 = s, (v**2).sum(1), (v**3).sum(1)
-                out += ((p1**3 - 3 * p1 * p2 + 2 * p3) / 6.0).sum(-1)
-        return out
+                triple += ((p1**3 - 3 * p1 * p2 + 2 * p3) / 6.0).sum(-1)
+        return pair, triple
+
+    def _interaction(self, ids: np.ndarray) -> np.ndarray:
+        pair, triple = self._orders(ids)
+        return self._order_w[0] * pair + self._order_w[1] * triple
 
     def _logit(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
         c = self.config
