@@ -1,8 +1,11 @@
-"""Where a step's time goes: baseline vs SPTT at CR=1 (identity TMs), on loopback (2 x 2 gloo).
+"""Where a step's time goes: baseline vs SPTT at CR=1 (identity TMs), 2 x 2 gloo ranks.
 
 Median forward/backward ms per rank, and SPTT's forward stages: ids over the peer group
 (``ids``), the host's TorchRec DMP lookup incl. its intra-host input/output distribution
-(``lookup``), the tower modules (``towers``). Run: ``python benchmarks/sptt_stages.py``.
+(``lookup``), the tower modules (``towers``), the return all-to-all over the peer group
+(``peer_a2a``), the reorder into tower order and the head (with and without its DDP wrapper).
+Run: ``python benchmarks/sptt_stages.py`` (loopback) or, as root,
+``python benchmarks/sptt_stages.py --cross-mbit 100`` (emulated hosts, 48:1 links).
 """
 
 import time
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from dmtrec.data import DataConfig, load_data, shard_rows
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.parallel.sharding import dense_and_fused_optimizer
+from dmtrec.parallel.sptt import _PeerAllToAll
 from dmtrec.parallel.topology import Topology
 from dmtrec.partition import make_partition
 from dmtrec.train.trainer import TrainConfig, wrap_model
@@ -64,7 +68,7 @@ def run(parallel, steps=12):
         import statistics
 
         w = wrapped
-        st = {"ids": [], "lookup": [], "towers": [], "a2a+head": []}
+        st = {"ids": [], "lookup": [], "towers": [], "peer_a2a": []}
         for i in range(6):
             b = batches[i % len(batches)]
             dist.barrier()
@@ -75,8 +79,27 @@ def run(parallel, steps=12):
             pooled = w.host_sparse(local)
             pooled.values()  # resolve the lazy awaitable inside the timed stage
             t2 = time.perf_counter()
-            w.host_towers(pooled)
+            out = w.host_towers(pooled)
             t3 = time.perf_counter()
+            bb = b.dense_features.shape[0]
+            mine = w.host_width[w.host]
+            recv = _PeerAllToAll.apply(
+                out.reshape(-1),
+                [bb * x for x in w.host_width],
+                [bb * mine] * w.hosts,
+                w.groups.peer,
+            )
+            t4 = time.perf_counter()
+            st["peer_a2a"].append(t4 - t3)
+            blocks = [x.view(bb, -1, w.dim) for x in recv.split([bb * x for x in w.host_width])]
+            virtual = torch.cat(blocks, dim=1).index_select(1, w.virtual_order)
+            t5 = time.perf_counter()
+            w.head(b.dense_features, virtual)
+            t6 = time.perf_counter()
+            st.setdefault("reorder", []).append(t5 - t4)
+            st.setdefault("head", []).append(t6 - t5)
+            w.head.module(b.dense_features, virtual)
+            st.setdefault("head_noddp", []).append(time.perf_counter() - t6)
             st["ids"].append(t1 - t0)
             st["lookup"].append(t2 - t1)
             st["towers"].append(t3 - t2)
@@ -92,8 +115,28 @@ def run(parallel, steps=12):
 
 
 if __name__ == "__main__":
-    from dmtrec.parallel.launch import quiet_libraries, spawn
+    import argparse
+    import os
+    import sys
 
+    from dmtrec.parallel.launch import quiet_libraries, spawn, spawn_in_hosts
+    from dmtrec.parallel.netem import EmulatedHosts, LinkSpec
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cross-mbit", type=float, default=None, help="emulated hosts (root)")
+    args = ap.parse_args()
     quiet_libraries()
-    for p in ("baseline", "dmt"):
-        print(p, "(rank, fwd ms, bwd ms, SPTT fwd stages ms):", spawn(run, (p,), 4, 2))
+    # ranks in namespaces import this file by name: put its folder on their path
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, here)
+    from sptt_stages import run as stage_run
+
+    head = "(rank, fwd ms, bwd ms, SPTT fwd stages ms):"
+    if args.cross_mbit is None:
+        for p in ("baseline", "dmt"):
+            print(p, head, spawn(stage_run, (p,), 4, 2))
+    else:
+        with EmulatedHosts(2, LinkSpec(cross_mbit=args.cross_mbit)) as emu:
+            for p in ("baseline", "dmt"):
+                print(p, head, spawn_in_hosts(stage_run, (p,), emu, 2))

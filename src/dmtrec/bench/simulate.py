@@ -31,15 +31,18 @@ differs is the number of peers a rank talks to across hosts, N-L against H-1 (th
 "running in a smaller world size improves communication throughput"), and the bytes / CR.
 
 Calibration (``calibrate``): the emulated 2 x 2 benchmark gives, per run, the step time on
-unshaped loopback (compute plus fast communication) and on the shaped links, and the exact
-bytes and messages of every run. The emulated model is
+unshaped loopback (compute plus fast communication, ``c``) and on the shaped links, and the
+exact bytes of every run, hence ``n`` = seconds those bytes take at the shaped rates (each host
+link carries 1/H of them). The emulated step is a partial overlap of the two:
 
-    t_shaped = kappa * t_unshaped + alpha * messages_per_rank + (bytes per host link) / (eta * BW)
+    t_shaped = ((kappa * c)^q + (n / eta)^q)^(1/q)
 
-kappa < 1 because on unshaped loopback the H*L processes contend for the box's few cores,
-while on a slow link they mostly wait and compute runs uncontended. (kappa, alpha, 1/eta) are a
-non-negative least-squares fit on one shaped run; the model is then scored on the speedups of
-the other shaped runs (other bandwidths), which it never saw.
+q = 1 is no overlap, q -> inf is perfect overlap (with H*L processes, one rank computes while
+another waits on the link); kappa < 1 because on loopback the processes contend for the box's
+few cores; eta is the fraction of the shaped rate TCP reaches. (kappa, eta, q) are a
+least-squares fit (relative error) on one shaped run; the model is then scored on the speedups
+of every run, including other bandwidths it never saw. There is no per-message latency term:
+tbf shapes bandwidth only, and an additive alpha * messages term fitted to 0 here.
 """
 
 from __future__ import annotations
@@ -333,8 +336,8 @@ class Calibration:
     """Fitted emulated-link parameters and how well they predict held-out speedups."""
 
     kappa: float
-    alpha_s: float
     eta: float
+    q: float
     fit_on: str
     checks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -347,32 +350,30 @@ def _runs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in report["runs"]}
 
 
-def _features(run: dict[str, Any], report: dict[str, Any]) -> tuple[float, float]:
-    """(messages per rank, seconds of shaped transfer at eta = 1) of one run."""
-    hosts, world = report["hosts"], report["hosts"] * report["ranks_per_host"]
-    link = report["link"]
+def _net_seconds(run: dict[str, Any], report: dict[str, Any]) -> float:
+    """Seconds the run's bytes take at the shaped rates: each host link carries 1/H of the
+    cross-host bytes and each host's loopback 1/H of the intra-host bytes."""
+    hosts, link = report["hosts"], report["link"]
     cross_Bps = link["cross_mbit"] * 1e6 / 8
     intra_Bps = link["intra_mbit"] * 1e6 / 8
-    # Every host NIC carries 1/H of the cross-host bytes; every host's loopback 1/H of the
-    # intra-host bytes; the two link classes are shaped independently and both are serial
-    # on the step's critical path in this small setting.
-    seconds = (run["cross_host_bytes_per_step"] / hosts) / cross_Bps + (
+    return (run["cross_host_bytes_per_step"] / hosts) / cross_Bps + (
         run["intra_host_bytes_per_step"] / hosts
     ) / intra_Bps
-    return run["cross_host_messages_per_step"] / world, seconds
+
+
+def overlap_time(compute_s: np.ndarray, net_s: np.ndarray, kappa: float, eta: float, q: float):
+    """The emulated step: a q-norm of (kappa * compute, net / eta), see the module docstring."""
+    return ((kappa * compute_s) ** q + (net_s / eta) ** q) ** (1.0 / q)
 
 
 def _predict(
-    unshaped: dict[str, Any], shaped: dict[str, Any], coef: np.ndarray
+    unshaped: dict[str, Any], shaped: dict[str, Any], cal: Calibration
 ) -> dict[str, float]:
     base = _runs(unshaped)
-    kappa, alpha, inv_eta = coef
-    return {
-        name: kappa * base[name]["step_s_median"] + alpha * x[0] + inv_eta * x[1]
-        for name, run in _runs(shaped).items()
-        if name in base
-        for x in [_features(run, shaped)]
-    }
+    names = [n for n in _runs(shaped) if n in base]
+    c = np.array([base[n]["step_s_median"] for n in names])
+    net = np.array([_net_seconds(_runs(shaped)[n], shaped) for n in names])
+    return dict(zip(names, overlap_time(c, net, cal.kappa, cal.eta, cal.q).tolist(), strict=True))
 
 
 def _speedups(times: dict[str, float]) -> dict[str, float]:
@@ -383,9 +384,9 @@ def _speedups(times: dict[str, float]) -> dict[str, float]:
 def calibrate(
     unshaped: dict[str, Any], fit: dict[str, Any], held_out: list[dict[str, Any]]
 ) -> Calibration:
-    """Fit (kappa, alpha, 1/eta) by non-negative least squares on ``fit``'s step times; score
-    the predicted speedups of every run of ``fit`` and of each ``held_out`` report."""
-    from scipy.optimize import nnls
+    """Fit (kappa, eta, q) on ``fit``'s step times (least squares of the relative error);
+    score the predicted speedups of every run of ``fit`` and of each ``held_out`` report."""
+    from scipy.optimize import least_squares
 
     for rep in (unshaped, fit, *held_out):
         if "runs" not in rep or "hosts" not in rep:
@@ -393,21 +394,20 @@ def calibrate(
     if unshaped["link_mode"] == "netns":
         raise ConfigError("the first calibration file must be a `bench dmt --link none` run")
     base = _runs(unshaped)
-    rows, target = [], []
-    for name, run in _runs(fit).items():
-        if name in base:
-            rows.append((base[name]["step_s_median"], *_features(run, fit)))
-            target.append(run["step_s_median"])
-    if len(rows) < 3:
-        raise ConfigError("calibration needs >= 3 runs present in both bench.json files")
-    coef, _ = nnls(np.asarray(rows), np.asarray(target))
-    if coef[2] <= 0:
-        raise ConfigError("calibration found no bandwidth term; are the links really shaped?")
-    cal = Calibration(
-        kappa=float(coef[0]), alpha_s=float(coef[1]), eta=float(1 / coef[2]), fit_on=_label(fit)
+    names = [n for n in _runs(fit) if n in base]
+    if len(names) < 4:
+        raise ConfigError("calibration needs >= 4 runs present in both bench.json files")
+    c = np.array([base[n]["step_s_median"] for n in names])
+    net = np.array([_net_seconds(_runs(fit)[n], fit) for n in names])
+    t = np.array([_runs(fit)[n]["step_s_median"] for n in names])
+    sol = least_squares(
+        lambda p: overlap_time(c, net, *p) / t - 1.0,
+        x0=[0.5, 0.8, 2.0],
+        bounds=([0.0, 0.05, 1.0], [2.0, 1.5, 50.0]),
     )
+    cal = Calibration(*map(float, sol.x), fit_on=_label(fit))
     for rep, role in [(fit, "fit"), *[(h, "held_out") for h in held_out]]:
-        pred = _speedups(_predict(unshaped, rep, coef))
+        pred = _speedups(_predict(unshaped, rep, cal))
         meas = {n: r["speedup_vs_baseline"] for n, r in _runs(rep).items()}
         for name in pred:
             cal.checks.append(
@@ -477,8 +477,8 @@ def run_simulate(
         report["calibration"] = {
             "files": calibration,
             "compute_factor_kappa": cal.kappa,
-            "alpha_s_per_message": cal.alpha_s,
-            "bandwidth_efficiency": cal.eta,
+            "bandwidth_efficiency_eta": cal.eta,
+            "overlap_q": cal.q,
             "fit_on": cal.fit_on,
             "max_abs_speedup_error": cal.max_speedup_error,
             "checks": cal.checks,
@@ -503,8 +503,7 @@ def _print(report: dict[str, Any]) -> None:
     if cal:
         print(
             f"calibration on {cal['fit_on']}: kappa {cal['compute_factor_kappa']:.2f}, "
-            f"alpha {cal['alpha_s_per_message'] * 1e3:.2f} ms/message, "
-            f"bandwidth efficiency {cal['bandwidth_efficiency']:.2f}"
+            f"eta {cal['bandwidth_efficiency_eta']:.2f}, q {cal['overlap_q']:.2f}"
         )
         for c in cal["checks"]:
             print(
