@@ -51,6 +51,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--triple-share", type=float, default=0.5, help="order 3: variance share of the triples"
     )
+    g.add_argument("--triple-form", default="anova", help="order 3: anova | pairprod")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -167,6 +168,7 @@ def data_config_from_args(args: argparse.Namespace):
             table_size=args.rows,
             order=args.order,
             triple_share=args.triple_share,
+            triple_form=args.triple_form,
             seed=args.seed,
         ),
     )

@@ -5,8 +5,10 @@ Sparse features fall into ``num_groups`` groups; the true logit is
     bias + w . dense + sum_i m_i[x_i] + s2 * sum_g sum_{i<j in g} <U_i[x_i], U_j[x_j]>
                                       (+ s3 * sum_g sum_{i<j<k in g} sum_r U_i U_j U_k, order 3)
 
-(the order-3 term is the ANOVA kernel of higher-order FMs, Blondel et al. 2016; ``triple_share``
-sets the fraction of the interaction variance it carries, so the third order can matter)
+(the order-3 term is the ANOVA kernel of higher-order FMs, Blondel et al. 2016, or with
+``triple_form="pairprod"`` an interaction of interactions, sum <U_i,U_j><U_j,U_k> over the
+triples of a group; ``triple_share`` sets the fraction of the interaction variance it carries,
+so the third order can matter)
 
 with per-id main effects ``m_i`` and latent vectors ``U_i`` (rank ``latent_rank``). So the true
 interaction matrix is block-diagonal by group (the partitioner can be scored against it), a tower
@@ -43,6 +45,7 @@ class SyntheticConfig:
     latent_rank: int = 4
     order: int = 2  # highest planted interaction order: 2 (pairs) or 3 (adds triples)
     triple_share: float = 0.5  # order 3: share of the interaction variance from the triples
+    triple_form: str = "anova"  # order 3: "anova" (sum_r U_i U_j U_k) or "pairprod" (see above)
     zipf_alpha: float = 1.05
     logit_std: float = 1.5  # scale of the interaction part of the true logit
     base_rate: float = 0.25
@@ -61,6 +64,8 @@ class SyntheticConfig:
             raise ConfigError("--table-size must be >= 2")
         if self.order not in (2, 3):
             raise ConfigError(f"--order must be 2 or 3, not {self.order}")
+        if self.triple_form not in ("anova", "pairprod"):
+            raise ConfigError(f"--triple-form must be anova or pairprod, not {self.triple_form!r}")
         if not 0.0 <= self.triple_share <= 1.0:
             raise ConfigError(f"--triple-share must be in [0, 1], not {self.triple_share}")
         for name in ("num_train", "num_valid", "num_test"):
@@ -144,10 +149,17 @@ class SyntheticData:
             s = v.sum(axis=1)
             # sum_{i<j} <v_i, v_j> = (|sum v|^2 - sum |v_i|^2) / 2
             pair += 0.5 * ((s * s).sum(-1) - (v * v).sum((1, 2)))
-            if c.order >= 3:
+            if c.order >= 3 and c.triple_form == "anova":
                 # e3 = sum_{i<j<k} prod, per latent coordinate (Newton's identities)
                 p1, p2, p3 = s, (v**2).sum(1), (v**3).sum(1)
                 triple += ((p1**3 - 3 * p1 * p2 + 2 * p3) / 6.0).sum(-1)
+            elif c.order >= 3:
+                # sum over feature triples of products of two of their pair interactions that
+                # share a feature: sum_j sum_{i<k; i,k != j} <U_i,U_j><U_j,U_k>
+                gram = np.einsum("nir,njr->nij", v, v)
+                gram[:, np.arange(v.shape[1]), np.arange(v.shape[1])] = 0.0
+                rows = gram.sum(-1)
+                triple += 0.5 * ((rows**2) - (gram**2).sum(-1)).sum(-1)
         return pair, triple
 
     def _interaction(self, ids: np.ndarray) -> np.ndarray:
