@@ -378,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     p_sc.add_argument("--out", default="runs/bench_scaling")
     p_sc.add_argument("--scales", type=_ints, default=[1, 2, 4])
     p_sc.add_argument("--seeds", type=int, default=3)
-    p_sc.add_argument("--num-train", type=int, default=100_000)
-    p_sc.add_argument("--epochs", type=int, default=2)
+    p_sc.add_argument("--num-train", type=int, default=300_000)
+    p_sc.add_argument("--epochs", type=int, default=1)
+    p_sc.add_argument("--triple-share", type=float, default=0.7)
+    p_sc.add_argument("--triple-form", default="anova", help="anova | pairprod")
     p_sim = sub.add_parser(
         "simulate", help="alpha-beta projection of DMT vs baseline to 16-512 GPUs"
     )
@@ -461,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                 seeds=args.seeds,
                 num_train=args.num_train,
                 epochs=args.epochs,
+                triple_share=args.triple_share,
+                triple_form=args.triple_form,
             )
             print(f"wrote {Path(args.out) / 'bench_scaling.json'}")
             return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+from typing import Any
+
 from dmtrec.train.trainer import TrainConfig
 
 
@@ -18,3 +21,15 @@ def synthetic_schedule(epochs: int, seed: int, out: str) -> TrainConfig:
         out=out,
         log_every=0,
     )
+
+
+def paired_comparison(a: list[float], b: list[float]) -> dict[str, Any]:
+    """``a`` vs ``b`` paired by seed: mean gain, wins, one-sided paired t-test p (a > b)."""
+    from scipy import stats
+
+    t = stats.ttest_rel(a, b, alternative="greater") if len(a) > 1 else None
+    return {
+        "mean_auc_gain": statistics.mean(x - y for x, y in zip(a, b, strict=True)),
+        "wins": sum(x > y for x, y in zip(a, b, strict=True)),
+        "paired_t_p_value": float(t.pvalue) if t is not None else None,
+    }

@@ -15,9 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
-from dmtrec.bench import synthetic_schedule
+from dmtrec.bench import paired_comparison, synthetic_schedule
 from dmtrec.data import DataConfig
 from dmtrec.models import ModelConfig
 from dmtrec.parallel.launch import run_single
@@ -154,14 +152,9 @@ def bench_partition(
             "ari_mean": statistics.mean(r["ari"] for r in rs),
         }
     for base in ("sequential", "random"):
-        a = [r["auc"] for r in by["learned"]]
-        b = [r["auc"] for r in by[base]]
-        t = stats.ttest_rel(a, b, alternative="greater") if len(a) > 1 else None
-        summary[f"learned_vs_{base}"] = {
-            "mean_auc_gain": statistics.mean(x - y for x, y in zip(a, b)),
-            "wins": sum(x > y for x, y in zip(a, b)),
-            "paired_t_p_value": float(t.pvalue) if t is not None else None,
-        }
+        summary[f"learned_vs_{base}"] = paired_comparison(
+            [r["auc"] for r in by["learned"]], [r["auc"] for r in by[base]]
+        )
     report = {
         "config": dict(
             seeds=seeds,

@@ -1,15 +1,21 @@
 """``dmtrec bench scaling``: quality vs compute for Wukong, DLRM and DCNv2.
 
-Synthetic data with 3rd-order planted interactions (``order=3``); each model at growing sizes
+Synthetic data with 3rd-order planted interactions (``order=3``, the triples carrying
+``triple_share`` of the interaction variance); each model at growing sizes
 (``scale`` multiplies MLP widths, Wukong's nF/nL/rank and layer count, DCN's cross rank);
 forward FLOPs per example of the dense part counted with ``torch.utils.flop_counter`` (the
 embedding lookups are the same for all); each (model, scale) trained with the same data,
-schedule and seeds. Writes ``OUT/bench_scaling.json`` and a log-x plot ``OUT/scaling.png``.
+schedule and seeds (a seed fixes the data and the initialisation, so models are compared
+paired by seed). Reports, per Wukong size, the paired AUC difference against the DLRM size of
+nearest FLOPs, and per family where its curve flattens (the first size whose AUC gain over the
+previous size is below the seed-to-seed std). Writes ``OUT/bench_scaling.json`` and a log-x
+plot ``OUT/scaling.png``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dmtrec.bench import synthetic_schedule
+from dmtrec.bench import paired_comparison, synthetic_schedule
 from dmtrec.data import DataConfig, load_data
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.parallel.launch import run_single
@@ -67,9 +73,11 @@ def bench_scaling(
     *,
     scales: tuple[int, ...] = (1, 2, 4),
     seeds: int = 3,
-    num_train: int = 100_000,
-    epochs: int = 2,
+    num_train: int = 300_000,
+    epochs: int = 1,
     dim: int = 16,
+    triple_share: float = 0.7,
+    triple_form: str = "anova",
 ) -> dict[str, Any]:
     runs = []
     base = dict(
@@ -77,6 +85,8 @@ def bench_scaling(
         num_groups=3,
         table_size=100,
         order=3,
+        triple_share=triple_share,
+        triple_form=triple_form,
         num_valid=0,
         num_test=20_000,
         num_train=num_train,
@@ -123,6 +133,8 @@ def bench_scaling(
             scales=list(scales), seeds=seeds, data=base, epochs=epochs, embedding_dim=dim
         ),
         "points": points,
+        "wukong_vs_dlrm_at_nearest_flops": _equal_flops(points, runs),
+        "flattens_at": {name: _flattens(points, name) for name in MODELS},
         "runs": runs,
     }
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -133,7 +145,48 @@ def bench_scaling(
             f"{p['model']:<7} scale {p['scale']}  {p['gflop_per_example'] * 1e3:8.3f} MFLOP/ex  "
             f"AUC {p['auc_mean']:.4f} +- {p['auc_std']:.4f}  logloss {p['logloss_mean']:.4f}"
         )
+    for c in report["wukong_vs_dlrm_at_nearest_flops"]:
+        print(
+            f"wukong s{c['wukong_scale']} vs dlrm s{c['dlrm_scale']} (FLOPs x{c['flops_ratio']:.2f}): "
+            f"{c['mean_auc_gain']:+.4f} AUC, wins {c['wins']}/{seeds}, p={c['paired_t_p_value']}"
+        )
+    print("flattens at scale:", report["flattens_at"])
     return report
+
+
+def _equal_flops(points: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each Wukong size against the DLRM size nearest in log FLOPs, paired by seed."""
+    dlrm = [p for p in points if p["model"] == "dlrm"]
+    out = []
+    for w in (p for p in points if p["model"] == "wukong"):
+        d = min(dlrm, key=lambda p: abs(math.log(p["gflop_per_example"] / w["gflop_per_example"])))
+
+        def aucs(model: str, scale: int) -> list[float]:
+            rs = sorted(
+                (r for r in runs if r["model"] == model and r["scale"] == scale),
+                key=lambda r: r["seed"],
+            )
+            return [r["auc"] for r in rs]
+
+        out.append(
+            {
+                "wukong_scale": w["scale"],
+                "dlrm_scale": d["scale"],
+                "flops_ratio": w["gflop_per_example"] / d["gflop_per_example"],
+                **paired_comparison(aucs("wukong", w["scale"]), aucs("dlrm", d["scale"])),
+            }
+        )
+    return out
+
+
+def _flattens(points: list[dict[str, Any]], model: str) -> int | None:
+    """First scale whose mean AUC gain over the previous scale is below that scale's seed std
+    (None: still climbing at the largest size)."""
+    ps = [p for p in points if p["model"] == model]
+    for prev, cur in zip(ps, ps[1:]):
+        if cur["auc_mean"] - prev["auc_mean"] < max(cur["auc_std"], 1e-4):
+            return cur["scale"]
+    return None
 
 
 def _plot(points: list[dict[str, Any]], path: Path) -> None:
