@@ -175,3 +175,7 @@ def test_cli_simulate_writes_json_and_reports_bad_files(
     assert "--hardware x100" in capsys.readouterr().err
     assert main(["simulate", "--gpus", "12", "--out", str(out)]) == 2
     assert "--gpus 12" in capsys.readouterr().err
+    assert main(["simulate", "--crs", "0,2", "--out", str(out)]) == 2
+    assert "--crs must be integers >= 1" in capsys.readouterr().err
+    assert main(["simulate", "--crs", "3", "--out", str(out)]) == 2
+    assert "divides by CR=3" in capsys.readouterr().err

@@ -426,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"--{opt.replace('_', '-')} must be >= 1")
             if args.pooling <= 0:
                 raise ConfigError("--pooling must be > 0")
+            if not args.crs or min(args.crs) < 1:
+                raise ConfigError(f"--crs must be integers >= 1, got {args.crs}")
             run_simulate(
                 args.out,
                 hardware=args.hardware,
