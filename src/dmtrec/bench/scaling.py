@@ -156,18 +156,15 @@ def bench_scaling(
 
 def _equal_flops(points: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each Wukong size against the DLRM size nearest in log FLOPs, paired by seed."""
+
+    def aucs(model: str, scale: int) -> list[float]:
+        rs = [r for r in runs if r["model"] == model and r["scale"] == scale]
+        return [r["auc"] for r in sorted(rs, key=lambda r: r["seed"])]
+
     dlrm = [p for p in points if p["model"] == "dlrm"]
     out = []
     for w in (p for p in points if p["model"] == "wukong"):
         d = min(dlrm, key=lambda p: abs(math.log(p["gflop_per_example"] / w["gflop_per_example"])))
-
-        def aucs(model: str, scale: int) -> list[float]:
-            rs = sorted(
-                (r for r in runs if r["model"] == model and r["scale"] == scale),
-                key=lambda r: r["seed"],
-            )
-            return [r["auc"] for r in rs]
-
         out.append(
             {
                 "wukong_scale": w["scale"],
