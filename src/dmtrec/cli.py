@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p_sc.add_argument("--epochs", type=int, default=1)
     p_sc.add_argument("--triple-share", type=float, default=0.7)
     p_sc.add_argument("--triple-form", default="anova", help="anova | pairprod")
+    p_sc.add_argument("--num-sparse", type=int, default=48)
+    p_sc.add_argument("--num-groups", type=int, default=6)
     p_sim = sub.add_parser(
         "simulate", help="alpha-beta projection of DMT vs baseline to 16-512 GPUs"
     )
@@ -467,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 epochs=args.epochs,
                 triple_share=args.triple_share,
                 triple_form=args.triple_form,
+                num_sparse=args.num_sparse,
+                num_groups=args.num_groups,
             )
             print(f"wrote {Path(args.out) / 'bench_scaling.json'}")
             return 0

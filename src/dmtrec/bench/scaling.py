@@ -78,11 +78,13 @@ def bench_scaling(
     dim: int = 16,
     triple_share: float = 0.7,
     triple_form: str = "anova",
+    num_sparse: int = 48,
+    num_groups: int = 6,
 ) -> dict[str, Any]:
     runs = []
     base = dict(
-        num_sparse=12,
-        num_groups=3,
+        num_sparse=num_sparse,
+        num_groups=num_groups,
         table_size=100,
         order=3,
         triple_share=triple_share,
