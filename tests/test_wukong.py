@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,3 +124,45 @@ def test_tower_module_shapes(n: int) -> None:
     assert y.shape == (3, n, d)
     y.pow(2).sum().backward()
     assert x.grad is not None
+
+
+# -- the scaling sweep's summaries (on planted numbers, no training) --------------------------
+
+
+def _sweep(aucs: dict[tuple[str, int], list[float]], flops: dict[tuple[str, int], float]):
+    runs = [
+        {"model": m, "scale": s, "seed": i, "auc": a}
+        for (m, s), vals in aucs.items()
+        for i, a in enumerate(vals)
+    ]
+    points = [
+        {
+            "model": m,
+            "scale": s,
+            "gflop_per_example": flops[m, s],
+            "auc_mean": sum(v) / len(v),
+            "auc_std": float(np.std(v, ddof=1)),
+        }
+        for (m, s), v in aucs.items()
+    ]
+    return points, runs
+
+
+def test_scaling_summary_pairs_wukong_with_the_nearest_flops_dlrm() -> None:
+    from dmtrec.bench.scaling import _equal_flops, _flattens
+
+    aucs = {
+        ("dlrm", 1): [0.70, 0.71, 0.72],
+        ("dlrm", 2): [0.72, 0.73, 0.74],  # +0.02: still climbing
+        ("dlrm", 4): [0.7201, 0.7301, 0.7401],  # +0.0001 < std: flat from here
+        ("wukong", 1): [0.73, 0.735, 0.75],
+    }
+    flops = {("dlrm", 1): 1.0, ("dlrm", 2): 2.0, ("dlrm", 4): 8.0, ("wukong", 1): 2.5}
+    points, runs = _sweep(aucs, flops)
+    (c,) = _equal_flops(points, runs)
+    assert (c["wukong_scale"], c["dlrm_scale"]) == (1, 2)  # log-nearest: 2.5/2 < 8/2.5
+    assert c["flops_ratio"] == pytest.approx(1.25)
+    assert c["mean_auc_gain"] == pytest.approx((0.01 + 0.005 + 0.01) / 3)
+    assert c["wins"] == 3 and c["paired_t_p_value"] < 0.05
+    assert _flattens(points, "dlrm") == 4
+    assert _flattens(points, "wukong") is None  # one size: never seen to flatten
