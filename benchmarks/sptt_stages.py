@@ -3,7 +3,8 @@
 Median forward/backward ms per rank, and SPTT's forward stages: ids over the peer group
 (``ids``), the host's TorchRec DMP lookup incl. its intra-host input/output distribution
 (``lookup``), the tower modules (``towers``), the return all-to-all over the peer group
-(``peer_a2a``), the reorder into tower order and the head (with and without its DDP wrapper).
+with the reorder into tower order (``peer_a2a``), and the head (with and without its DDP
+wrapper).
 Run: ``python benchmarks/sptt_stages.py`` (loopback) or, as root,
 ``python benchmarks/sptt_stages.py --cross-mbit 100`` (emulated hosts, 48:1 links).
 """
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 from dmtrec.data import DataConfig, load_data, shard_rows
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.parallel.sharding import dense_and_fused_optimizer
-from dmtrec.parallel.sptt import _PeerAllToAll
 from dmtrec.parallel.topology import Topology
 from dmtrec.partition import make_partition
 from dmtrec.train.trainer import TrainConfig, wrap_model
@@ -68,41 +68,26 @@ def run(parallel, steps=12):
         import statistics
 
         w = wrapped
-        st = {"ids": [], "lookup": [], "towers": [], "peer_a2a": []}
+        st = {k: [] for k in ("ids", "lookup", "towers", "peer_a2a", "head", "head_noddp")}
         for i in range(6):
             b = batches[i % len(batches)]
             dist.barrier()
-            t0 = time.perf_counter()
-            kjt = b.sparse_features.permute(w.host_order)
-            local = w.id_dist(kjt).wait().wait()
-            t1 = time.perf_counter()
+            t = [time.perf_counter()]
+            local = w.exchange_ids(b.sparse_features)
+            t.append(time.perf_counter())
             pooled = w.host_sparse(local)
             pooled.values()  # resolve the lazy awaitable inside the timed stage
-            t2 = time.perf_counter()
+            t.append(time.perf_counter())
             out = w.host_towers(pooled)
-            t3 = time.perf_counter()
-            bb = b.dense_features.shape[0]
-            mine = w.host_width[w.host]
-            recv = _PeerAllToAll.apply(
-                out.reshape(-1),
-                [bb * x for x in w.host_width],
-                [bb * mine] * w.hosts,
-                w.groups.peer,
-            )
-            t4 = time.perf_counter()
-            st["peer_a2a"].append(t4 - t3)
-            blocks = [x.view(bb, -1, w.dim) for x in recv.split([bb * x for x in w.host_width])]
-            virtual = torch.cat(blocks, dim=1).index_select(1, w.virtual_order)
-            t5 = time.perf_counter()
+            t.append(time.perf_counter())
+            virtual = w.return_to_home(out, b.dense_features.shape[0])
+            t.append(time.perf_counter())
             w.head(b.dense_features, virtual)
-            t6 = time.perf_counter()
-            st.setdefault("reorder", []).append(t5 - t4)
-            st.setdefault("head", []).append(t6 - t5)
+            t.append(time.perf_counter())
             w.head.module(b.dense_features, virtual)
-            st.setdefault("head_noddp", []).append(time.perf_counter() - t6)
-            st["ids"].append(t1 - t0)
-            st["lookup"].append(t2 - t1)
-            st["towers"].append(t3 - t2)
+            t.append(time.perf_counter())
+            for k, t0, t1 in zip(st, t, t[1:]):
+                st[k].append(t1 - t0)
         prof = {k: round(statistics.median(v) * 1e3, 1) for k, v in st.items() if v}
     import statistics
 

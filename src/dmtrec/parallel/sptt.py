@@ -181,12 +181,15 @@ class SPTT(nn.Module):
     def fused_optimizer(self):
         return self.host_sparse.fused_optimizer
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        b = dense.shape[0]
-        kjt = sparse.permute(self.host_order)
-        local = self.id_dist(kjt).wait().wait()  # this host's features, H*B samples
-        pooled = self.host_sparse(local)
-        out = self.host_towers(pooled)  # (H*B) x n_host x D, blocks of B per source host
+    # The stages of one forward, in order (named so that benchmarks can time each one).
+    def exchange_ids(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """1. ids to their tower's host over the peer group: this host's features, H*B samples."""
+        return self.id_dist(sparse.permute(self.host_order)).wait().wait()
+
+    def return_to_home(self, out: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """4. TM outputs ((H*B) x n_host x D, blocks of B per source host) back to the samples'
+        home ranks over the peer group; B x n_virtual x D in tower order."""
+        b = batch_size
         mine = self.host_width[self.host]
         recv = _PeerAllToAll.apply(
             out.reshape(-1),
@@ -195,6 +198,12 @@ class SPTT(nn.Module):
             self.groups.peer,
         )
         blocks = [x.view(b, -1, self.dim) for x in recv.split([b * w for w in self.host_width])]
-        virtual = torch.cat(blocks, dim=1).index_select(1, self.virtual_order)
+        return torch.cat(blocks, dim=1).index_select(1, self.virtual_order)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        local = self.exchange_ids(sparse)
+        pooled = self.host_sparse(local)  # 2. intra-host lookup
+        out = self.host_towers(pooled)  # 3. tower modules
+        virtual = self.return_to_home(out, dense.shape[0])
         virtual = _ScaleGrad.apply(virtual, 1.0 / self.hosts)
-        return self.head(dense, virtual)
+        return self.head(dense, virtual)  # 5. global head
