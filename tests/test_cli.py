@@ -162,3 +162,11 @@ def test_partition_command_writes_towers_json(
     assert "--method: unknown 'kmeans'" in _error(
         capsys, ["partition", *small, "--towers", "2", "--method", "kmeans", "--out", str(tmp_path)]
     )
+
+
+@pytest.mark.parametrize("opt", ["--cross-mbit", "--ratio", "--queue-ms"])
+def test_bench_dmt_rejects_nonpositive_link_settings(
+    opt: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = _error(capsys, ["bench", "dmt", opt, "0", "--out", str(tmp_path)])
+    assert err == f"dmtrec: error: {opt} must be > 0, got 0"

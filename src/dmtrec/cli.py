@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p_dmt.add_argument("--link", default="netns", choices=["netns", "none"])
     p_dmt.add_argument("--cross-mbit", type=float, default=100.0, help="cross-host link Mbit/s")
     p_dmt.add_argument("--ratio", type=float, default=48.0, help="intra/cross bandwidth ratio")
+    p_dmt.add_argument(
+        "--queue-ms", type=float, default=100.0, help="link queue depth (tbf latency), ms"
+    )
     p_dmt.add_argument("--batch-size", type=int, default=256, help="per rank")
     p_dmt.add_argument("--num-sparse", type=int, default=32)
     p_dmt.add_argument("--towers", type=int, default=4)
@@ -496,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 link=args.link,
                 cross_mbit=args.cross_mbit,
                 ratio=args.ratio,
+                queue_ms=args.queue_ms,
                 batch_size=args.batch_size,
                 num_sparse=args.num_sparse,
                 towers=args.towers,

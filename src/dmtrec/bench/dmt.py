@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dmtrec.data import DataConfig, shard_rows
+from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig
 from dmtrec.parallel.comm import CommCounter
 from dmtrec.parallel.sharding import dense_and_fused_optimizer
@@ -122,6 +123,7 @@ def bench_dmt(
     link: str = "netns",
     cross_mbit: float = 100.0,
     ratio: float = 48.0,
+    queue_ms: float = 100.0,
     batch_size: int = 256,
     num_sparse: int = 32,
     towers: int = 4,
@@ -133,6 +135,9 @@ def bench_dmt(
     from dmtrec.parallel.launch import spawn, spawn_in_hosts
     from dmtrec.parallel.netem import EmulatedHosts, LinkSpec
 
+    for name, value in (("--cross-mbit", cross_mbit), ("--ratio", ratio), ("--queue-ms", queue_ms)):
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value:g}")
     world = hosts * ranks_per_host
     dcfg = DataConfig(
         synthetic=dict(
@@ -144,7 +149,7 @@ def bench_dmt(
             num_train=batch_size * world * max(1, min(warmup + steps, 8)),
         )
     )
-    spec = LinkSpec(cross_mbit=cross_mbit, ratio=ratio)
+    spec = LinkSpec(cross_mbit=cross_mbit, ratio=ratio, queue_ms=queue_ms)
     results: list[dict[str, Any]] = []
     link_info: dict[str, Any] = {}
 

@@ -34,13 +34,21 @@ class LinkSpec:
 
     cross_mbit: float = 100.0
     ratio: float = 48.0
+    # Most time a packet may wait in a link's queue (tbf ``latency``), i.e. the switch buffer
+    # depth: deep (100 ms) never drops; shallow buffers drop bursts from many flows (incast).
+    queue_ms: float = 100.0
 
     @property
     def intra_mbit(self) -> float:
         return self.cross_mbit * self.ratio
 
     def to_dict(self) -> dict[str, float]:
-        return {"cross_mbit": self.cross_mbit, "intra_mbit": self.intra_mbit, "ratio": self.ratio}
+        return {
+            "cross_mbit": self.cross_mbit,
+            "intra_mbit": self.intra_mbit,
+            "ratio": self.ratio,
+            "queue_ms": self.queue_ms,
+        }
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -103,7 +111,7 @@ class EmulatedHosts:
         # packets: the bucket must hold one (else TCP stalls), or 1 ms of traffic if larger.
         burst = f"{max(600, int(mbit))}kbit"
         tbf = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit:g}mbit"]
-        _ip("netns", "exec", ns, *tbf, "burst", burst, "latency", "100ms")
+        _ip("netns", "exec", ns, *tbf, "burst", burst, "latency", f"{self.link.queue_ms:g}ms")
 
     def __enter__(self) -> EmulatedHosts:
         why = available()
