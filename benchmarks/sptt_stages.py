@@ -9,6 +9,7 @@ Run: ``python benchmarks/sptt_stages.py`` (loopback) or, as root,
 ``python benchmarks/sptt_stages.py --cross-mbit 100`` (emulated hosts, 48:1 links).
 """
 
+import statistics
 import time
 
 import torch
@@ -65,8 +66,6 @@ def run(parallel, steps=12):
     prof = None
     if parallel == "dmt":
         # stage timing of SPTT forward
-        import statistics
-
         w = wrapped
         st = {k: [] for k in ("ids", "lookup", "towers", "peer_a2a", "head", "head_noddp")}
         for i in range(6):
@@ -89,8 +88,6 @@ def run(parallel, steps=12):
             for k, t0, t1 in zip(st, t, t[1:]):
                 st[k].append(t1 - t0)
         prof = {k: round(statistics.median(v) * 1e3, 1) for k, v in st.items() if v}
-    import statistics
-
     return (
         rank,
         round(statistics.median(fwd) * 1e3, 1),

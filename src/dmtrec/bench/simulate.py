@@ -153,6 +153,12 @@ class Links:
         )
 
 
+MODEL = (
+    "per step: pairwise-exchange AlltoAll per link class (alpha * peers + bytes / bandwidth, "
+    "intra and cross concurrent), ring all-reduce, roofline compute, no overlap"
+)
+
+
 # -- closed forms ---------------------------------------------------------------------------
 
 
@@ -457,7 +463,7 @@ def run_simulate(
     w = workload or Workload()
     report: dict[str, Any] = {
         "workload": asdict(w),
-        "model": __doc__.split("\n\n")[1],
+        "model": MODEL,
         "hardware": {},
     }
     for name in hardware:
