@@ -170,3 +170,11 @@ def test_bench_dmt_rejects_nonpositive_link_settings(
 ) -> None:
     err = _error(capsys, ["bench", "dmt", opt, "0", "--out", str(tmp_path)])
     assert err == f"dmtrec: error: {opt} must be > 0, got 0"
+
+
+@pytest.mark.parametrize("opt", ["--cross-latency-ms", "--intra-latency-ms"])
+def test_bench_dmt_rejects_negative_latency(
+    opt: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    err = _error(capsys, ["bench", "dmt", opt, "-1", "--out", str(tmp_path)])
+    assert err == f"dmtrec: error: {opt} must be >= 0, got -1"

@@ -149,6 +149,36 @@ def test_calibration_recovers_planted_link_parameters() -> None:
     assert cal.max_speedup_error < 1e-6
 
 
+def test_injected_latency_is_added_to_the_prediction_not_fitted() -> None:
+    steps = {
+        "baseline_table_wise": 0.05,
+        "baseline_row_wise": 0.09,
+        "dmt_cr1": 0.08,
+        "dmt_cr4": 0.07,
+    }
+    unshaped = _report("none", 0.0, steps)
+    fit = _shaped(unshaped, 100.0, kappa=0.6, eta=0.8, q=2.0)
+    # the same links with per-message latency slept around the collectives: more for the
+    # baselines (more cross-host peers), a planted amount the prediction must add as it is
+    held = _shaped(unshaped, 100.0, kappa=0.6, eta=0.8, q=2.0)
+    held["link_mode"] = "netns + injected latency"
+    for r in held["runs"]:
+        r["injected_delay_s_per_step"] = 0.24 if r["name"].startswith("baseline") else 0.19
+        r["step_s_median"] += r["injected_delay_s_per_step"]
+    best = min(r["step_s_median"] for r in held["runs"] if r["name"].startswith("baseline"))
+    for r in held["runs"]:
+        r["speedup_vs_baseline"] = best / r["step_s_median"]
+    cal = sim.calibrate(unshaped, fit, [held])
+    assert cal.max_speedup_error < 1e-6
+    # the latency moved the speedups, so ignoring it would mispredict these runs
+    held_checks = [c for c in cal.checks if c["role"] == "held_out"]
+    fit_speedup = {r["name"]: r["speedup_vs_baseline"] for r in fit["runs"]}
+    assert len(held_checks) == 4
+    assert max(abs(c["measured_speedup"] / fit_speedup[c["run"]] - 1) for c in held_checks) > 0.1
+    with pytest.raises(sim.ConfigError, match="--link none"):
+        sim.calibrate(held, fit, [])
+
+
 def test_calibration_rejects_a_shaped_file_as_the_unshaped_one(tmp_path: Path) -> None:
     unshaped = _report("none", 0.0, {"baseline_table_wise": 0.05, "dmt_cr1": 0.08})
     fit = _shaped(unshaped, 100.0, kappa=1.0, eta=1.0, q=1.0)

@@ -357,11 +357,25 @@ def main(argv: list[str] | None = None) -> int:
     p_dmt.add_argument("--out", default="runs/bench_dmt")
     p_dmt.add_argument("--hosts", type=int, default=2)
     p_dmt.add_argument("--ranks-per-host", type=int, default=2)
-    p_dmt.add_argument("--link", default="netns", choices=["netns", "none"])
+    p_dmt.add_argument(
+        "--link",
+        default="netns",
+        choices=["netns", "delay", "none"],
+        help="netns: shaped namespaces (root); delay: alpha-beta injected on loopback; none",
+    )
     p_dmt.add_argument("--cross-mbit", type=float, default=100.0, help="cross-host link Mbit/s")
     p_dmt.add_argument("--ratio", type=float, default=48.0, help="intra/cross bandwidth ratio")
     p_dmt.add_argument(
         "--queue-ms", type=float, default=100.0, help="link queue depth (tbf latency), ms"
+    )
+    p_dmt.add_argument(
+        "--cross-latency-ms",
+        type=float,
+        default=0.0,
+        help="per-message cross-host latency (alpha), injected around collectives",
+    )
+    p_dmt.add_argument(
+        "--intra-latency-ms", type=float, default=0.0, help="per-message intra-host latency"
     )
     p_dmt.add_argument("--batch-size", type=int, default=256, help="per rank")
     p_dmt.add_argument("--num-sparse", type=int, default=32)
@@ -500,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                 cross_mbit=args.cross_mbit,
                 ratio=args.ratio,
                 queue_ms=args.queue_ms,
+                cross_latency_ms=args.cross_latency_ms,
+                intra_latency_ms=args.intra_latency_ms,
                 batch_size=args.batch_size,
                 num_sparse=args.num_sparse,
                 towers=args.towers,

@@ -2,8 +2,11 @@
 
 Runs the baseline (TorchRec DMP, table-wise and row-wise) and DMT (SPTT; identity TMs at CR=1,
 DLRM TMs at CR 2/4/8) on H emulated hosts x L ranks, each for warm-up then timed steps, on an
-emulated 2-tier network (``--link netns``: namespaces + tbf-shaped links, see
-``parallel/netem.py``) or on plain loopback (``--link none``). Step times are wall-clock per
+emulated 2-tier network: ``--link netns`` (namespaces + tbf-shaped links, see
+``parallel/netem.py``; per-message latency ``--cross-latency-ms``/``--intra-latency-ms``
+injected around collectives, see ``parallel/delay.py``, as this kernel has no netem),
+``--link delay`` (the fallback without root: latency and bandwidth both injected on loopback)
+or plain loopback (``--link none``). Step times are wall-clock per
 step on rank 0 between barriers (so the slowest rank sets them); comparisons are within this
 one invocation. Writes ``OUT/bench.json``, prints a table and saves ``OUT/bench.png``.
 """
@@ -25,6 +28,7 @@ from dmtrec.data import DataConfig, shard_rows
 from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig
 from dmtrec.parallel.comm import CommCounter
+from dmtrec.parallel.delay import LinkDelay, inject_delay
 from dmtrec.parallel.sharding import dense_and_fused_optimizer
 from dmtrec.parallel.topology import Topology, make_process_groups
 from dmtrec.train.trainer import TrainConfig, setup_model, wrap_model
@@ -52,17 +56,23 @@ def _measure_links(topo: Topology, nbytes: int = 1 << 22) -> dict[str, float]:
 
 
 def bench_worker(
-    dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, warmup: int, steps: int, probe: bool
+    dcfg: DataConfig,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    warmup: int,
+    steps: int,
+    probe: bool,
+    delay: LinkDelay | None = None,
 ) -> dict[str, Any]:
     """Warm-up + timed training steps of one configuration (run on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
-    links = _measure_links(topo) if probe else {}
     data, model = setup_model(dcfg, mcfg, tcfg.seed)
     batches = list(shard_rows(data.batches("train", tcfg.batch_size * world), rank, world))
     counter = CommCounter(topo, rank)
     times: list[float] = []
-    with counter.install():
+    with inject_delay(topo, rank, delay or LinkDelay()) as slept, counter.install():
+        links = _measure_links(topo) if probe else {}
         wrapped = wrap_model(model, mcfg, tcfg, topo)
         opt = dense_and_fused_optimizer(
             wrapped, [wrapped.fused_optimizer], tcfg.dense_optimizer, tcfg.lr
@@ -71,6 +81,7 @@ def bench_worker(
             batch = batches[i % len(batches)]
             if i == warmup:
                 counter.reset()
+                slept.clear()
             dist.barrier()
             t0 = time.perf_counter()
             counter.phase = "forward"
@@ -84,8 +95,11 @@ def bench_worker(
             dist.barrier()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+        injected = sum(slept) / max(steps, 1)  # before totals' own all-reduce
         comm = counter.totals(steps)
-    return {"step_s": times, "comm": comm, "links": links} if rank == 0 else {}
+    return (
+        {"step_s": times, "comm": comm, "links": links, "injected_s": injected} if rank == 0 else {}
+    )
 
 
 def configs(
@@ -124,6 +138,8 @@ def bench_dmt(
     cross_mbit: float = 100.0,
     ratio: float = 48.0,
     queue_ms: float = 100.0,
+    cross_latency_ms: float = 0.0,
+    intra_latency_ms: float = 0.0,
     batch_size: int = 256,
     num_sparse: int = 32,
     towers: int = 4,
@@ -138,6 +154,14 @@ def bench_dmt(
     for name, value in (("--cross-mbit", cross_mbit), ("--ratio", ratio), ("--queue-ms", queue_ms)):
         if not value > 0:
             raise ConfigError(f"{name} must be > 0, got {value:g}")
+    for name, value in (
+        ("--cross-latency-ms", cross_latency_ms),
+        ("--intra-latency-ms", intra_latency_ms),
+    ):
+        if not value >= 0:
+            raise ConfigError(f"{name} must be >= 0, got {value:g}")
+    if link not in ("netns", "delay", "none"):
+        raise ConfigError(f"--link must be netns, delay or none, got {link!r}")
     world = hosts * ranks_per_host
     dcfg = DataConfig(
         synthetic=dict(
@@ -150,6 +174,12 @@ def bench_dmt(
         )
     )
     spec = LinkSpec(cross_mbit=cross_mbit, ratio=ratio, queue_ms=queue_ms)
+    delay = LinkDelay(alpha_intra_s=intra_latency_ms * 1e-3, alpha_cross_s=cross_latency_ms * 1e-3)
+    if link == "delay":  # each host's link is shared by its ranks, as in the namespaces
+        per_rank = 1e6 / 8 / ranks_per_host
+        delay = replace(
+            delay, intra_Bps=spec.intra_mbit * per_rank, cross_Bps=spec.cross_mbit * per_rank
+        )
     results: list[dict[str, Any]] = []
     link_info: dict[str, Any] = {}
 
@@ -158,7 +188,7 @@ def bench_dmt(
             configs(hosts, ranks_per_host, batch_size, towers, list(crs))
         ):
             print(f"[bench dmt] {name} ...", flush=True)
-            r = launch(bench_worker, (dcfg, mcfg, tcfg, warmup, steps, i == 0))
+            r = launch(bench_worker, (dcfg, mcfg, tcfg, warmup, steps, i == 0, delay))
             if i == 0:
                 link_info["measured"] = r["links"]
             st = r["step_s"]
@@ -173,6 +203,7 @@ def bench_dmt(
                     "intra_host_bytes_per_step": c["intra_host_bytes_per_step"],
                     "cross_host_messages_per_step": c["cross_host_messages_per_step"],
                     "pooled_cross_host_bytes_per_step": c["pooled_cross_host_bytes_per_step"],
+                    "injected_delay_s_per_step": r["injected_s"],
                     "step_s": st,
                 }
             )
@@ -181,9 +212,18 @@ def bench_dmt(
         with EmulatedHosts(hosts, spec) as emu:
             run_all(lambda fn, args: spawn_in_hosts(fn, args, emu, ranks_per_host)[0])
         link_info.update(mode="netns", **spec.to_dict(), teardown_ok=not emu.exists())
+        if delay.active:
+            link_info.update(mode="netns + injected latency", injected=delay.to_dict())
     else:
         run_all(lambda fn, args: spawn(fn, args, world, ranks_per_host)[0])
-        link_info.update(mode="none (loopback, unshaped)")
+        if link == "delay":
+            links = {k: v for k, v in spec.to_dict().items() if k != "queue_ms"}
+            link_info.update(mode="delay (alpha-beta injected on loopback)", **links)
+            link_info.update(injected=delay.to_dict())
+        elif delay.active:
+            link_info.update(mode="none + injected latency", injected=delay.to_dict())
+        else:
+            link_info.update(mode="none (loopback, unshaped)")
     base = min(r["step_s_median"] for r in results if r["name"].startswith("baseline"))
     base_pooled = next(r for r in results if r["name"] == "baseline_table_wise")[
         "pooled_cross_host_bytes_per_step"

@@ -41,8 +41,11 @@ q = 1 is no overlap, q -> inf is perfect overlap (with H*L processes, one rank c
 another waits on the link); kappa < 1 because on loopback the processes contend for the box's
 few cores; eta is the fraction of the shaped rate TCP reaches. (kappa, eta, q) are a
 least-squares fit (relative error) on one shaped run; the model is then scored on the speedups
-of every run, including other bandwidths it never saw. There is no per-message latency term:
-tbf shapes bandwidth only, and an additive alpha * messages term fitted to 0 here.
+of every run, including other bandwidths it never saw. tbf shapes bandwidth only, so there is
+no fitted per-message latency term (an additive alpha * messages term fitted to 0); runs with
+latency injected around their collectives (``bench dmt --cross-latency-ms``, or ``--link
+delay``) record the seconds they slept per step, which are added to the prediction as they are,
+so such runs test the model's alpha terms with nothing refitted.
 """
 
 from __future__ import annotations
@@ -360,6 +363,8 @@ def _net_seconds(run: dict[str, Any], report: dict[str, Any]) -> float:
     """Seconds the run's bytes take at the shaped rates: each host link carries 1/H of the
     cross-host bytes and each host's loopback 1/H of the intra-host bytes."""
     hosts, link = report["hosts"], report["link"]
+    if report["link_mode"].startswith("delay"):  # the bytes' time is in the injected delay
+        return 0.0
     cross_Bps = link["cross_mbit"] * 1e6 / 8
     intra_Bps = link["intra_mbit"] * 1e6 / 8
     return (run["cross_host_bytes_per_step"] / hosts) / cross_Bps + (
@@ -372,6 +377,12 @@ def overlap_time(compute_s: np.ndarray, net_s: np.ndarray, kappa: float, eta: fl
     return ((kappa * compute_s) ** q + (net_s / eta) ** q) ** (1.0 / q)
 
 
+def _injected(run: dict[str, Any]) -> float:
+    """Seconds per step the run slept in injected link delays (``parallel/delay.py``): known
+    exactly, serial with everything else, so added to the model, not fitted."""
+    return float(run.get("injected_delay_s_per_step", 0.0))
+
+
 def _predict(
     unshaped: dict[str, Any], shaped: dict[str, Any], cal: Calibration
 ) -> dict[str, float]:
@@ -379,7 +390,9 @@ def _predict(
     names = [n for n in _runs(shaped) if n in base]
     c = np.array([base[n]["step_s_median"] for n in names])
     net = np.array([_net_seconds(_runs(shaped)[n], shaped) for n in names])
-    return dict(zip(names, overlap_time(c, net, cal.kappa, cal.eta, cal.q).tolist(), strict=True))
+    inj = np.array([_injected(_runs(shaped)[n]) for n in names])
+    t = overlap_time(c, net, cal.kappa, cal.eta, cal.q) + inj
+    return dict(zip(names, t.tolist(), strict=True))
 
 
 def _speedups(times: dict[str, float]) -> dict[str, float]:
@@ -397,7 +410,7 @@ def calibrate(
     for rep in (unshaped, fit, *held_out):
         if "runs" not in rep or "hosts" not in rep:
             raise ConfigError("calibration input is not a bench.json of `dmtrec bench dmt`")
-    if unshaped["link_mode"] == "netns":
+    if not unshaped["link_mode"].startswith("none") or any(_injected(r) for r in unshaped["runs"]):
         raise ConfigError("the first calibration file must be a `bench dmt --link none` run")
     base = _runs(unshaped)
     names = [n for n in _runs(fit) if n in base]
@@ -406,8 +419,9 @@ def calibrate(
     c = np.array([base[n]["step_s_median"] for n in names])
     net = np.array([_net_seconds(_runs(fit)[n], fit) for n in names])
     t = np.array([_runs(fit)[n]["step_s_median"] for n in names])
+    inj = np.array([_injected(_runs(fit)[n]) for n in names])
     sol = least_squares(
-        lambda p: overlap_time(c, net, *p) / t - 1.0,
+        lambda p: (overlap_time(c, net, *p) + inj) / t - 1.0,
         x0=[0.5, 0.8, 2.0],
         bounds=([0.0, 0.05, 1.0], [2.0, 1.5, 50.0]),
     )
@@ -431,7 +445,14 @@ def calibrate(
 
 def _label(report: dict[str, Any]) -> str:
     link = report.get("link", {})
-    return f"{report['hosts']}x{report['ranks_per_host']} {report['link_mode']} {link.get('cross_mbit', '-')} Mbit"
+    mode = report["link_mode"].split(" ")[0]
+    label = (
+        f"{report['hosts']}x{report['ranks_per_host']} {mode} {link.get('cross_mbit', '-')} Mbit"
+    )
+    alpha = link.get("injected", {})
+    if alpha.get("alpha_cross_ms"):
+        label += f" a={alpha['alpha_cross_ms']:g}/{alpha['alpha_intra_ms']:g}ms"
+    return label
 
 
 def load_bench(path: str) -> dict[str, Any]:
@@ -513,7 +534,7 @@ def _print(report: dict[str, Any]) -> None:
         )
         for c in cal["checks"]:
             print(
-                f"  {c['role']:<9}{c['report']:<26}{c['run']:<22}measured {c['measured_speedup']:.2f}"
+                f"  {c['role']:<9}{c['report']:<36}{c['run']:<22}measured {c['measured_speedup']:.2f}"
                 f"  predicted {c['predicted_speedup']:.2f}  ({c['rel_error']:+.0%})"
             )
         print(f"  max |error| {cal['max_abs_speedup_error']:.0%}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +32,90 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from dmtrec.parallel.topology import Topology
 
 LINKS = ("intra", "cross")
+
+
+# An observer sees each collective before it runs: (op, the group's global ranks, bytes this
+# rank sends to each of them, kind). ``op`` is all_to_all | reduce_scatter | all_gather |
+# all_reduce; for an all-reduce ``sends`` is the chunk per rank (bytes / group size).
+Observer = Callable[[str, list[int], list[float], str], None]
+
+
+def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
+    """Global ranks of ``group`` (the world when None)."""
+    if group is None or group is dist.group.WORLD:
+        return list(range(dist.get_world_size()))
+    return dist.get_process_group_ranks(group)
+
+
+def _kind(t: torch.Tensor, default: str = "embeddings") -> str:
+    return default if t.is_floating_point() else "ids"
+
+
+def _a2a_sends(inp: torch.Tensor, split: list[int] | None, n: int) -> list[float]:
+    row = inp[0].numel() * inp.element_size() if inp.dim() > 1 and len(inp) else inp.element_size()
+    rows = list(split) if split else [inp.shape[0] // n] * n
+    return [float(r * row) for r in rows]
+
+
+@contextlib.contextmanager
+def intercept(observer: Observer) -> Iterator[None]:
+    """Call ``observer`` before every Python-level collective that TorchRec and dmtrec issue
+    (``all_to_all_single``, ``reduce_scatter_tensor``, ``all_gather_into_tensor``,
+    ``all_reduce``), for the duration of the block. Blocks nest (each wraps the one outside)."""
+    orig = {
+        name: getattr(dist, name)
+        for name in (
+            "all_to_all_single",
+            "reduce_scatter_tensor",
+            "all_gather_into_tensor",
+            "all_reduce",
+        )
+    }
+
+    def all_to_all_single(
+        output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
+        ranks = group_ranks(group)
+        observer(
+            "all_to_all", ranks, _a2a_sends(input, input_split_sizes, len(ranks)), _kind(input)
+        )
+        return orig["all_to_all_single"](
+            output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
+        )
+
+    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        ranks = group_ranks(group)
+        chunk = input.numel() * input.element_size() / len(ranks)
+        observer("reduce_scatter", ranks, [chunk] * len(ranks), _kind(input))
+        return orig["reduce_scatter_tensor"](output, input, op=op, group=group, async_op=async_op)
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        ranks = group_ranks(group)
+        nbytes = float(input_tensor.numel() * input_tensor.element_size())
+        observer("all_gather", ranks, [nbytes] * len(ranks), _kind(input_tensor))
+        return orig["all_gather_into_tensor"](
+            output_tensor, input_tensor, group=group, async_op=async_op
+        )
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        ranks = group_ranks(group)
+        chunk = tensor.numel() * tensor.element_size() / len(ranks)
+        observer("all_reduce", ranks, [chunk] * len(ranks), "allreduce")
+        return orig["all_reduce"](tensor, op=op, group=group, async_op=async_op)
+
+    wrappers = {
+        "all_to_all_single": all_to_all_single,
+        "reduce_scatter_tensor": reduce_scatter_tensor,
+        "all_gather_into_tensor": all_gather_into_tensor,
+        "all_reduce": all_reduce,
+    }
+    for name, fn in wrappers.items():
+        setattr(dist, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in orig.items():
+            setattr(dist, name, fn)
 
 
 class CommCounter:
@@ -52,102 +136,31 @@ class CommCounter:
             self.messages.clear()
 
     # -- recording ------------------------------------------------------------------------
-    def _ranks(self, group: dist.ProcessGroup | None) -> list[int]:
-        if group is None or group is dist.group.WORLD:
-            return list(range(dist.get_world_size()))
-        return dist.get_process_group_ranks(group)
-
-    def record(self, kind: str, group: dist.ProcessGroup | None, sends: list[float]) -> None:
-        """This rank sends ``sends[j]`` bytes to the group's j-th rank."""
+    def record(self, kind: str, ranks: list[int], sends: list[float]) -> None:
+        """This rank sends ``sends[j]`` bytes to global rank ``ranks[j]``."""
         if not self.enabled:
             return
         key = f"{self.phase}/{kind}"
         with self._lock:
-            for dst, nbytes in zip(self._ranks(group), sends):
+            for dst, nbytes in zip(ranks, sends):
                 link = self.topology.link(self.rank, dst)
                 if link == "local" or nbytes <= 0:
                     continue
                 self.bytes[(key, link)] += nbytes
                 self.messages[(key, link)] += 1
 
-    def _all_to_all(self, inp: torch.Tensor, split: list[int] | None, group: Any) -> None:
-        n = len(self._ranks(group))
-        row = (
-            inp[0].numel() * inp.element_size()
-            if inp.dim() > 1 and len(inp)
-            else inp.element_size()
-        )
-        rows = list(split) if split else [inp.shape[0] // n] * n
-        kind = "embeddings" if inp.is_floating_point() else "ids"
-        self.record(kind, group, [r * row for r in rows])
-
-    def _scatter_like(self, nbytes: float, group: Any, kind: str, factor: float = 1.0) -> None:
-        n = len(self._ranks(group))
-        self.record(kind, group, [factor * nbytes / n] * n)
+    def observe(self, op: str, ranks: list[int], sends: list[float], kind: str) -> None:
+        """``intercept`` observer. An all-reduce is a reduce-scatter plus an all-gather: twice
+        the per-rank chunk to each other rank."""
+        if op == "all_reduce":
+            sends = [2.0 * b for b in sends]
+        self.record(kind, ranks, sends)
 
     @contextlib.contextmanager
     def install(self) -> Iterator[CommCounter]:
-        """Wrap the Python-level collectives for the duration of the block."""
-        orig = {
-            name: getattr(dist, name)
-            for name in (
-                "all_to_all_single",
-                "reduce_scatter_tensor",
-                "all_gather_into_tensor",
-                "all_reduce",
-            )
-        }
-
-        def all_to_all_single(
-            output,
-            input,
-            output_split_sizes=None,
-            input_split_sizes=None,
-            group=None,
-            async_op=False,
-        ):  # noqa: E501
-            self._all_to_all(input, input_split_sizes, group)
-            return orig["all_to_all_single"](
-                output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op
-            )
-
-        def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
-            kind = "embeddings" if input.is_floating_point() else "ids"
-            self._scatter_like(input.numel() * input.element_size(), group, kind)
-            return orig["reduce_scatter_tensor"](
-                output, input, op=op, group=group, async_op=async_op
-            )
-
-        def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
-            n = len(self._ranks(group))
-            nbytes = input_tensor.numel() * input_tensor.element_size()
-            kind = "embeddings" if input_tensor.is_floating_point() else "ids"
-            self.record(kind, group, [nbytes] * n)
-            return orig["all_gather_into_tensor"](
-                output_tensor, input_tensor, group=group, async_op=async_op
-            )
-
-        def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-            self.count_all_reduce(tensor.numel() * tensor.element_size(), group, "allreduce")
-            return orig["all_reduce"](tensor, op=op, group=group, async_op=async_op)
-
-        wrappers = {
-            "all_to_all_single": all_to_all_single,
-            "reduce_scatter_tensor": reduce_scatter_tensor,
-            "all_gather_into_tensor": all_gather_into_tensor,
-            "all_reduce": all_reduce,
-        }
-        for name, fn in wrappers.items():
-            setattr(dist, name, fn)
-        try:
+        """Count every Python-level collective for the duration of the block."""
+        with intercept(self.observe):
             yield self
-        finally:
-            for name, fn in orig.items():
-                setattr(dist, name, fn)
-
-    def count_all_reduce(self, nbytes: float, group: Any, kind: str) -> None:
-        """All-reduce as reduce-scatter + all-gather: 2 * S/n to each other rank."""
-        self._scatter_like(nbytes, group, kind, factor=2.0)
 
     # -- reporting ------------------------------------------------------------------------
     def totals(self, steps: int) -> dict[str, Any]:

@@ -116,7 +116,7 @@ class EmulatedHosts:
     def __enter__(self) -> EmulatedHosts:
         why = available()
         if why:
-            raise ConfigError(f"--link netns: {why}; use --link none")
+            raise ConfigError(f"--link netns: {why}; use --link delay or --link none")
         remove_stale()
         self._install_signal_handlers()
         try:
