@@ -8,7 +8,8 @@ each host link per direction, so at line rate both take 2V / (cross Mbit/s). Eac
 fresh set of 4 processes timing 6 repeats (after 2 warm-ups) between barriers; per trial the
 medians, over trials the median and range of peer/world.
 
-Run (root): ``python benchmarks/a2a_flows.py --out runs/a2a_flows`` (writes a2a_flows.json).
+Run (root): ``python benchmarks/a2a_flows.py --trials 6 --out runs/a2a_flows`` (writes
+``a2a_flows.json`` there; ``benchmarks/results/a2a_flows_100mbit.json`` is one such file).
 """
 
 import argparse
@@ -74,7 +75,14 @@ def main() -> None:
     spec = LinkSpec(cross_mbit=args.cross_mbit, queue_ms=args.queue_ms)
     with EmulatedHosts(2, spec) as emu:
         trials = [spawn_in_hosts(measure_by_name, (kib,), emu, 2)[0] for _ in range(args.trials)]
-    report = {"link": spec.to_dict(), "hosts": 2, "ranks_per_host": 2, "rows": []}
+    report = {
+        "link": spec.to_dict(),
+        "hosts": 2,
+        "ranks_per_host": 2,
+        "trials": args.trials,
+        "timed_repeats_per_trial": 6,
+        "rows": [],
+    }
     print(f"{'KiB/peer':>9}{'line-rate ms':>14}{'world ms':>10}{'peer ms':>9}  peer/world")
     for k in kib:
         line = 2 * 2 * k * 1024 / (args.cross_mbit * 1e6 / 8) * 1e3  # 2 ranks x 2V per link

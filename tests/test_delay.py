@@ -41,11 +41,78 @@ def test_all_reduce_is_a_ring_over_the_slowest_link() -> None:
     assert collective_delay("all_reduce", [1], [chunk], 1, TOPO, D) == 0.0
 
 
+def test_bench_link_modes_inject_what_they_say() -> None:
+    from dmtrec.bench.dmt import link_delay
+    from dmtrec.parallel.netem import LinkSpec
+
+    spec = LinkSpec(cross_mbit=100.0, ratio=48.0)
+    netns = link_delay("netns", spec, 2, cross_latency_ms=30.0, intra_latency_ms=10.0)
+    assert netns == LinkDelay(alpha_intra_s=0.010, alpha_cross_s=0.030)
+    # --link delay: each of a host's 2 ranks gets half of its 100 Mbit/s link (and loopback)
+    fallback = link_delay("delay", spec, 2, cross_latency_ms=0.0, intra_latency_ms=0.0)
+    assert fallback.cross_Bps == pytest.approx(100e6 / 8 / 2)
+    assert fallback.intra_Bps == pytest.approx(48 * 100e6 / 8 / 2)
+    assert fallback.alpha_cross_s == 0.0 and fallback.active
+    assert not link_delay("none", spec, 2, 0.0, 0.0).active
+
+
 def test_latency_only_leaves_bytes_to_the_shaped_link() -> None:
     alpha_only = LinkDelay(alpha_intra_s=0.002, alpha_cross_s=0.010)
     s = collective_delay("all_to_all", [0, 1, 2, 3], [1e9] * 4, 0, TOPO, alpha_only)
     assert s == pytest.approx(2 * 0.010)
     assert not LinkDelay().active and alpha_only.active
+
+
+def test_delays_and_counting_nest_and_restore_the_collectives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As ``bench dmt`` uses them: counts are the same with delays injected, every delay is
+    slept once per call, and leaving the blocks restores what was there before."""
+    from dmtrec.parallel import comm
+
+    calls: list[str] = []
+    stubs = {
+        "all_to_all_single": lambda *a, **k: calls.append("a2a"),
+        "all_reduce": lambda *a, **k: calls.append("ar"),
+        "reduce_scatter_tensor": lambda *a, **k: calls.append("rs"),
+        "all_gather_into_tensor": lambda *a, **k: calls.append("ag"),
+    }
+    for name, fn in stubs.items():
+        monkeypatch.setattr(dist, name, fn)
+    monkeypatch.setattr(comm, "group_ranks", lambda group: [0, 1, 2, 3])
+
+    def run(with_delay: bool) -> tuple[dict, list[float]]:
+        counter = comm.CommCounter(TOPO, 0)
+        slept: list[float] = []
+        d = D if with_delay else LinkDelay()
+        with counter.install(), inject_delay(TOPO, 0, d, sleep=slept.append):
+            dist.all_to_all_single(torch.empty(8, 5), torch.ones(8, 5), [2, 2, 2, 2], [1, 2, 3, 2])
+            dist.all_reduce(torch.ones(100))
+            dist.reduce_scatter_tensor(torch.empty(10), torch.ones(40))
+            dist.all_gather_into_tensor(torch.empty(40), torch.ones(10))
+        return dict(counter.bytes), slept
+
+    plain, none_slept = run(False)
+    delayed, slept = run(True)
+    assert delayed == plain and not none_slept
+    assert calls == ["a2a", "ar", "rs", "ag"] * 2
+    # all-to-all: rows of 20 bytes, split 1/2/3/2: 40 to the host-mate, 60 + 40 across;
+    # reduce-scatter of 160 bytes: 40 to each; all-gather of 40 bytes: 40 to each
+    assert plain[("forward/embeddings", "intra")] == 40 + 40 + 40
+    assert plain[("forward/embeddings", "cross")] == 100 + 80 + 80
+    # all-reduce of 400 bytes: reduce-scatter + all-gather, 2 x 100 to each other rank
+    assert plain[("forward/allreduce", "intra")] == 200
+    assert plain[("forward/allreduce", "cross")] == 400
+    assert slept == pytest.approx(
+        [
+            (0.010 + 60 / 1e5) + (0.010 + 40 / 1e5),  # the cross class is the slower
+            2 * 3 * (0.010 + 100 / 1e5),
+            2 * (0.010 + 40 / 1e5),
+            2 * (0.010 + 40 / 1e5),
+        ]
+    )
+    for name, fn in stubs.items():
+        assert getattr(dist, name) is fn
 
 
 def _collectives_under_delay() -> list[float]:

@@ -177,6 +177,12 @@ def test_injected_latency_is_added_to_the_prediction_not_fitted() -> None:
     assert max(abs(c["measured_speedup"] / fit_speedup[c["run"]] - 1) for c in held_checks) > 0.1
     with pytest.raises(sim.ConfigError, match="--link none"):
         sim.calibrate(held, fit, [])
+    # loopback with latency slept is not the unshaped compute time either
+    slept = _report("none", 0.0, steps)
+    slept["link_mode"] = "none + injected latency"
+    slept["runs"][0]["injected_delay_s_per_step"] = 0.05
+    with pytest.raises(sim.ConfigError, match="--link none"):
+        sim.calibrate(slept, fit, [])
 
 
 def test_calibration_rejects_a_shaped_file_as_the_unshaped_one(tmp_path: Path) -> None:

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "--link",
         default="netns",
         choices=["netns", "delay", "none"],
-        help="netns: shaped namespaces (root); delay: alpha-beta injected on loopback; none",
+        help="netns: shaped namespaces (root); delay: alpha-beta slept on loopback; none",
     )
     p_dmt.add_argument("--cross-mbit", type=float, default=100.0, help="cross-host link Mbit/s")
     p_dmt.add_argument("--ratio", type=float, default=48.0, help="intra/cross bandwidth ratio")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cross-latency-ms",
         type=float,
         default=0.0,
-        help="per-message cross-host latency (alpha), injected around collectives",
+        help="per-message cross-host latency (alpha), slept before each collective",
     )
     p_dmt.add_argument(
         "--intra-latency-ms", type=float, default=0.0, help="per-message intra-host latency"

@@ -4,8 +4,8 @@ Runs the baseline (TorchRec DMP, table-wise and row-wise) and DMT (SPTT; identit
 DLRM TMs at CR 2/4/8) on H emulated hosts x L ranks, each for warm-up then timed steps, on an
 emulated 2-tier network: ``--link netns`` (namespaces + tbf-shaped links, see
 ``parallel/netem.py``; per-message latency ``--cross-latency-ms``/``--intra-latency-ms``
-injected around collectives, see ``parallel/delay.py``, as this kernel has no netem),
-``--link delay`` (the fallback without root: latency and bandwidth both injected on loopback)
+slept before each collective, see ``parallel/delay.py``, as this kernel has no netem),
+``--link delay`` (the fallback without root: bandwidth, and latency if set, slept on loopback)
 or plain loopback (``--link none``). Step times are wall-clock per
 step on rank 0 between barriers (so the slowest rank sets them); comparisons are within this
 one invocation. Writes ``OUT/bench.json``, prints a table and saves ``OUT/bench.png``.
@@ -29,6 +29,7 @@ from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig
 from dmtrec.parallel.comm import CommCounter
 from dmtrec.parallel.delay import LinkDelay, inject_delay
+from dmtrec.parallel.netem import LinkSpec
 from dmtrec.parallel.sharding import dense_and_fused_optimizer
 from dmtrec.parallel.topology import Topology, make_process_groups
 from dmtrec.train.trainer import TrainConfig, setup_model, wrap_model
@@ -69,10 +70,10 @@ def bench_worker(
     topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
     data, model = setup_model(dcfg, mcfg, tcfg.seed)
     batches = list(shard_rows(data.batches("train", tcfg.batch_size * world), rank, world))
+    links = _measure_links(topo) if probe else {}  # the TCP links as they are, no delays
     counter = CommCounter(topo, rank)
     times: list[float] = []
-    with inject_delay(topo, rank, delay or LinkDelay()) as slept, counter.install():
-        links = _measure_links(topo) if probe else {}
+    with counter.install(), inject_delay(topo, rank, delay or LinkDelay()) as slept:
         wrapped = wrap_model(model, mcfg, tcfg, topo)
         opt = dense_and_fused_optimizer(
             wrapped, [wrapped.fused_optimizer], tcfg.dense_optimizer, tcfg.lr
@@ -95,11 +96,28 @@ def bench_worker(
             dist.barrier()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        injected = sum(slept) / max(steps, 1)  # before totals' own all-reduce
-        comm = counter.totals(steps)
-    return (
-        {"step_s": times, "comm": comm, "links": links, "injected_s": injected} if rank == 0 else {}
-    )
+        injected = torch.tensor([sum(slept) / max(steps, 1)], dtype=torch.float64)
+    # outside the delays: these collectives are bookkeeping, not part of a step
+    comm = counter.totals(steps)
+    if torch.cuda.is_available():  # NCCL reduces only accelerator tensors
+        injected = injected.cuda()
+    # the barriers make the slowest rank set the step time, so report the most any rank slept
+    dist.all_reduce(injected, op=dist.ReduceOp.MAX)
+    out = {"step_s": times, "comm": comm, "links": links, "injected_s": float(injected.item())}
+    return out if rank == 0 else {}
+
+
+def link_delay(
+    link: str, spec: LinkSpec, ranks_per_host: int, cross_latency_ms: float, intra_latency_ms: float
+) -> LinkDelay:
+    """What ``inject_delay`` sleeps under ``--link``: the latencies always; under ``delay`` the
+    bandwidths too, each rank getting 1/L of its host's link, as in the namespaces where a
+    host's L ranks share one veth (and one loopback)."""
+    d = LinkDelay(alpha_intra_s=intra_latency_ms * 1e-3, alpha_cross_s=cross_latency_ms * 1e-3)
+    if link != "delay":
+        return d
+    per_rank = 1e6 / 8 / ranks_per_host  # Mbit/s of the host link -> bytes/s of one rank
+    return replace(d, intra_Bps=spec.intra_mbit * per_rank, cross_Bps=spec.cross_mbit * per_rank)
 
 
 def configs(
@@ -149,7 +167,7 @@ def bench_dmt(
 ) -> dict[str, Any]:
     """Run every configuration under one link set-up; write ``bench.json`` and ``bench.png``."""
     from dmtrec.parallel.launch import spawn, spawn_in_hosts
-    from dmtrec.parallel.netem import EmulatedHosts, LinkSpec
+    from dmtrec.parallel.netem import EmulatedHosts
 
     for name, value in (("--cross-mbit", cross_mbit), ("--ratio", ratio), ("--queue-ms", queue_ms)):
         if not value > 0:
@@ -174,12 +192,7 @@ def bench_dmt(
         )
     )
     spec = LinkSpec(cross_mbit=cross_mbit, ratio=ratio, queue_ms=queue_ms)
-    delay = LinkDelay(alpha_intra_s=intra_latency_ms * 1e-3, alpha_cross_s=cross_latency_ms * 1e-3)
-    if link == "delay":  # each host's link is shared by its ranks, as in the namespaces
-        per_rank = 1e6 / 8 / ranks_per_host
-        delay = replace(
-            delay, intra_Bps=spec.intra_mbit * per_rank, cross_Bps=spec.cross_mbit * per_rank
-        )
+    delay = link_delay(link, spec, ranks_per_host, cross_latency_ms, intra_latency_ms)
     results: list[dict[str, Any]] = []
     link_info: dict[str, Any] = {}
 

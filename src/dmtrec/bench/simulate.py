@@ -363,8 +363,8 @@ def _net_seconds(run: dict[str, Any], report: dict[str, Any]) -> float:
     """Seconds the run's bytes take at the shaped rates: each host link carries 1/H of the
     cross-host bytes and each host's loopback 1/H of the intra-host bytes."""
     hosts, link = report["hosts"], report["link"]
-    if report["link_mode"].startswith("delay"):  # the bytes' time is in the injected delay
-        return 0.0
+    if not report["link_mode"].startswith("netns"):
+        return 0.0  # no shaped link: loopback, or the bytes' time is in the injected delay
     cross_Bps = link["cross_mbit"] * 1e6 / 8
     intra_Bps = link["intra_mbit"] * 1e6 / 8
     return (run["cross_host_bytes_per_step"] / hosts) / cross_Bps + (
@@ -450,7 +450,7 @@ def _label(report: dict[str, Any]) -> str:
         f"{report['hosts']}x{report['ranks_per_host']} {mode} {link.get('cross_mbit', '-')} Mbit"
     )
     alpha = link.get("injected", {})
-    if alpha.get("alpha_cross_ms"):
+    if alpha.get("alpha_cross_ms") or alpha.get("alpha_intra_ms"):
         label += f" a={alpha['alpha_cross_ms']:g}/{alpha['alpha_intra_ms']:g}ms"
     return label
 

@@ -47,8 +47,8 @@ def group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     return dist.get_process_group_ranks(group)
 
 
-def _kind(t: torch.Tensor, default: str = "embeddings") -> str:
-    return default if t.is_floating_point() else "ids"
+def _kind(t: torch.Tensor) -> str:
+    return "embeddings" if t.is_floating_point() else "ids"
 
 
 def _a2a_sends(inp: torch.Tensor, split: list[int] | None, n: int) -> list[float]:

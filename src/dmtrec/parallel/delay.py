@@ -3,17 +3,24 @@
 The kernels this project runs on offer ``tbf``/``htb`` but no ``netem``, so the network
 namespaces of ``netem.py`` can shape bandwidth but cannot add per-message latency. This module
 adds it in user space: before each collective, the calling rank sleeps for the alpha-beta cost
-of its messages in that collective, the same model as ``dmtrec simulate``:
+of its messages in that collective, the model of ``dmtrec simulate``:
 
 - all-to-all, reduce-scatter, all-gather: pairwise exchange, one message per peer, each costing
   ``alpha + bytes / bandwidth`` of its link class; the two classes (NVLink, NIC) are different
-  hardware and run concurrently, so the cost is the slower class's sum;
+  hardware and run concurrently, so the cost is the slower class's sum. One difference from the
+  simulator, whose messages are all the same size: a peer this rank sends no bytes costs
+  nothing (as the message counts of ``CommCounter`` do not count it);
 - all-reduce: a ring of ``2 (p - 1)`` steps over the slowest link in the group.
 
 With ``bandwidth`` left ``None`` only the alpha terms are slept (``--link netns``: tbf does the
 bytes); with both bandwidths set this is the whole link model (``--link delay``: the fallback
-where namespaces cannot be made, on plain loopback). A sleep holds no CPU, so on a box with
-fewer cores than ranks it costs the other ranks nothing, as a wire's latency would not.
+where namespaces cannot be made, on plain loopback).
+
+The sleep is in the calling thread, also for ``async_op=True`` collectives (DDP's bucket
+all-reduces, issued from inside backward): injected time never overlaps computation, unlike a
+real wire's, so it adds to the step in series (and ``dmtrec simulate``'s calibration adds it
+so). While a rank sleeps it holds no CPU, so the other ranks of a box with fewer cores than
+ranks lose nothing to it.
 """
 
 from __future__ import annotations
@@ -47,14 +54,16 @@ class LinkDelay:
 
     @property
     def active(self) -> bool:
+        """Whether anything is injected at all."""
         return bool(self.alpha_intra_s or self.alpha_cross_s or self.intra_Bps or self.cross_Bps)
 
     def to_dict(self) -> dict[str, float | None]:
+        """The settings for a report; bandwidths are one rank's (None: not injected)."""
         return {
             "alpha_intra_ms": self.alpha_intra_s * 1e3,
             "alpha_cross_ms": self.alpha_cross_s * 1e3,
-            "injected_intra_mbit": self.intra_Bps * 8e-6 if self.intra_Bps else None,
-            "injected_cross_mbit": self.cross_Bps * 8e-6 if self.cross_Bps else None,
+            "injected_intra_mbit_per_rank": self.intra_Bps * 8e-6 if self.intra_Bps else None,
+            "injected_cross_mbit_per_rank": self.cross_Bps * 8e-6 if self.cross_Bps else None,
         }
 
 
