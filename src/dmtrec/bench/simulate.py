@@ -43,7 +43,7 @@ few cores; eta is the fraction of the shaped rate TCP reaches. (kappa, eta, q) a
 least-squares fit (relative error) on one shaped run; the model is then scored on the speedups
 of every run, including other bandwidths it never saw. tbf shapes bandwidth only, so there is
 no fitted per-message latency term (an additive alpha * messages term fitted to 0); runs with
-latency injected around their collectives (``bench dmt --cross-latency-ms``, or ``--link
+latency slept before their collectives (``bench dmt --cross-latency-ms``, or ``--link
 delay``) record the seconds they slept per step, which are added to the prediction as they are,
 so such runs test the model's alpha terms with nothing refitted.
 """

@@ -1,4 +1,4 @@
-"""Link latency (and, without namespaces, bandwidth) emulated by delays around collectives.
+"""Link latency (and, without namespaces, bandwidth) emulated by delays slept before collectives.
 
 The kernels this project runs on offer ``tbf``/``htb`` but no ``netem``, so the network
 namespaces of ``netem.py`` can shape bandwidth but cannot add per-message latency. This module
