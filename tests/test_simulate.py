@@ -133,13 +133,17 @@ def _shaped(unshaped: dict, mbit: float, kappa: float, eta: float, q: float) -> 
     return _report("netns", mbit, steps)
 
 
+# loopback step times of four runs: 4 runs, 3 parameters, an over-determined fit
+LOOPBACK_STEPS = {
+    "baseline_table_wise": 0.05,
+    "baseline_row_wise": 0.09,
+    "dmt_cr1": 0.08,
+    "dmt_cr4": 0.07,
+}
+
+
 def test_calibration_recovers_planted_link_parameters() -> None:
-    steps = {
-        "baseline_table_wise": 0.05,
-        "baseline_row_wise": 0.09,
-        "dmt_cr1": 0.08,
-        "dmt_cr4": 0.07,
-    }
+    steps = LOOPBACK_STEPS
     unshaped = _report("none", 0.0, steps)  # 4 runs, 3 parameters: an over-determined fit
     fit = _shaped(unshaped, 100.0, kappa=0.6, eta=0.8, q=2.0)
     held = _shaped(unshaped, 25.0, kappa=0.6, eta=0.8, q=2.0)
@@ -150,12 +154,7 @@ def test_calibration_recovers_planted_link_parameters() -> None:
 
 
 def test_injected_latency_is_added_to_the_prediction_not_fitted() -> None:
-    steps = {
-        "baseline_table_wise": 0.05,
-        "baseline_row_wise": 0.09,
-        "dmt_cr1": 0.08,
-        "dmt_cr4": 0.07,
-    }
+    steps = LOOPBACK_STEPS
     unshaped = _report("none", 0.0, steps)
     fit = _shaped(unshaped, 100.0, kappa=0.6, eta=0.8, q=2.0)
     # the same links with per-message latency slept around the collectives: more for the
