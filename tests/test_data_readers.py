@@ -73,7 +73,7 @@ def test_criteo_good_rows_exact_and_bad_rows_counted(criteo_file):
     assert reader.spec.sparse == [f"C{i}" for i in range(1, 27)]
     assert reader.spec.num_embeddings == [TABLE] * 26
 
-    batches = list(reader.batches("train", batch_size=2))
+    batches = list(reader.batches("train", global_batch_size=2))
     assert [b.labels.numel() for b in batches] == [2, 1]
     dense, ids, labels = expected_arrays(rows)
     torch.testing.assert_close(torch.cat([b.dense_features for b in batches]), dense.float())
@@ -99,7 +99,7 @@ def test_criteo_per_feature_table_sizes(criteo_file):
     path, rows = criteo_file
     sizes = [2 + j for j in range(26)]
     reader = CriteoTSV({"train": [str(path)]}, table_size=sizes)
-    batch = next(reader.batches("train", batch_size=8))
+    batch = next(reader.batches("train", global_batch_size=8))
     kjt = batch.sparse_features.to_dict()
     for j, name in enumerate(reader.spec.sparse):
         got = kjt[name].values().tolist()
@@ -111,14 +111,14 @@ def test_criteo_too_many_bad_rows_stops_with_file_and_line(criteo_file):
     path, _ = criteo_file
     reader = CriteoTSV({"train": [str(path)]}, table_size=TABLE, max_bad_rows=0)
     with pytest.raises(DataError) as exc:
-        list(reader.batches("train", batch_size=2))
+        list(reader.batches("train", global_batch_size=2))
     msg = str(exc.value)
     assert f"{path}:3:" in msg and "train.tsv" in msg
     assert "--max-bad-rows" in msg and "1 bad rows" in msg and "\n" not in msg
     # One allowed bad row: the second one (line 4) trips it and is named with its reason.
     reader = CriteoTSV({"train": [str(path)]}, table_size=TABLE, max_bad_rows=1)
     with pytest.raises(DataError, match=r"train\.tsv:4: 2 bad rows.*'zzzz' is not a hex id"):
-        list(reader.batches("train", batch_size=2))
+        list(reader.batches("train", global_batch_size=2))
 
 
 def test_criteo_bad_values_label_nan_and_float(tmp_path):
@@ -320,16 +320,17 @@ def test_parquet_bad_value_is_reported_with_row_number(tmp_path):
 
 # -- sharding -------------------------------------------------------------------------------
 def test_two_ranks_get_disjoint_equal_batches(tmp_path):
-    # 13 rows in batches of 3 -> 3,3,3,3,1: ranks alternate, the lone last batch is dropped.
+    # 13 rows in global batches of 6 (3 per rank): rank 0 takes rows 0-2 of each, rank 1
+    # rows 3-5; the final 1-row global batch has no row for each of 2 ranks, so it is dropped.
     rows = [[str(i % 2), str(i), f"u{i}", "c", "n"] for i in range(13)]
     train = write_csv(tmp_path / "train.csv", HEADER, rows)
     reader = table({"train": train})
     seen = []
     for rank in range(2):
-        batches = list(reader.batches("train", 3, rank=rank, world_size=2))
+        batches = list(reader.batches("train", 6, rank=rank, world_size=2))
         assert [b.labels.numel() for b in batches] == [3, 3]
         seen.append({int(x) for b in batches for x in b.dense_features[:, 0]})
     assert seen[0].isdisjoint(seen[1])
     assert seen == [{0, 1, 2, 6, 7, 8}, {3, 4, 5, 9, 10, 11}]
     with pytest.raises(ConfigError):
-        reader.batches("train", 3, rank=2, world_size=2)
+        reader.batches("train", 6, rank=2, world_size=2)

@@ -7,11 +7,12 @@ picklable ``DataConfig`` so every distributed worker can open the same data itse
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, shard_rows, slice_batch
 from dmtrec.errors import ConfigError
+from dmtrec.options import option
 
 DATA_KINDS = ("synthetic", "criteo", "csv", "parquet")
 
@@ -20,17 +21,21 @@ DATA_KINDS = ("synthetic", "criteo", "csv", "parquet")
 class DataConfig:
     """Which data to read and how; mirrors the CLI's data options."""
 
-    kind: str = "synthetic"
-    train: list[str] = field(default_factory=list)
-    valid: list[str] = field(default_factory=list)
-    test: list[str] = field(default_factory=list)
-    label: str | None = None
-    dense: list[str] = field(default_factory=list)
-    sparse: list[str] = field(default_factory=list)
-    table_size: int = 100_000  # criteo hashing size
-    min_count: int = 1
-    max_bad_rows: int = 100
-    synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticConfig fields
+    kind: str = option("synthetic", "data source", flag="data", choices=DATA_KINDS)
+    train: list[str] = option(factory=list, help="train file (repeatable)")
+    valid: list[str] = option(factory=list, help="validation file (repeatable)")
+    test: list[str] = option(factory=list, help="test file (repeatable)")
+    label: str | None = option(None, "csv/parquet: label column")
+    dense: list[str] = option(factory=list, help="csv/parquet: dense columns a,b,c")
+    sparse: list[str] = option(factory=list, help="csv/parquet: sparse columns a,b,c")
+    table_size: int = option(
+        100_000, "criteo: rows per hashed table", flag="hash-size", aliases=("table-size",), minimum=2
+    )
+    min_count: int = option(1, "csv/parquet: vocabulary threshold (rarer values -> id 0)", minimum=1)
+    max_bad_rows: int = option(100, "bad rows skipped before the read fails", minimum=0)
+    synthetic: dict[str, Any] = option(
+        factory=dict, help="SyntheticConfig fields (--data synthetic)", cli=False
+    )
 
 
 def load_data(cfg: DataConfig):

@@ -1,14 +1,25 @@
-"""Streaming reader for Criteo Kaggle / Terabyte click logs (tab separated, optionally gzipped).
+"""Reader for Criteo Kaggle / Terabyte click logs (tab separated, optionally gzipped).
 
 Each row is ``label \\t I1..I13 \\t C1..C26``: a 0/1 label, 13 integer counts (may be empty or
-negative) and 26 categorical hashes written as hex (may be empty). Files are tens of GB, so
-they are parsed line by line and only one batch is held in memory at a time.
+negative) and 26 categorical hashes written as hex (may be empty). Files are tens of GB: they
+are read in blocks (``dmtrec.data.text``), and each rank parses only its own rows
+(``dmtrec.data.shard``).
 
 Preprocessing (the usual DLRM recipe): dense ``x -> log(1 + max(x, 0))``, missing -> 0;
 categorical ``id = 1 + int(hex, 16) % (table_size - 1)``, missing -> 0 (a reserved id).
 
-Bad rows are skipped and counted in ``stats[split]``; past ``max_bad_rows`` a ``DataError``
-stops the run, naming the file and line."""
+**Parsing** is vectorised: ``pyarrow.csv`` splits and converts a block of lines (label int8,
+counts int64, hashes as 8-byte fixed-size binary; quoting off, as Criteo has none) and numpy
+does the rest with no per-field Python: the 26 hash columns are viewed as one array of
+little-endian 64-bit words, each word's eight hex characters are validated and packed into a
+32-bit value with a few SWAR (SIMD-within-a-register) integer operations, then hashed into the
+tables; hashes of other lengths (up to 16 digits) take a per-character numpy path.
+
+**Bad rows** are skipped and counted in ``stats[split]``; past ``max_bad_rows`` a ``DataError``
+stops the run, naming the file and line. A block whose fast parse fails (pyarrow rejects a
+value, a label is not 0/1, a hash is not hex) is re-scanned line by line with the reference
+parser, which gives the exact message (``file:line:col N (name): reason``); only such blocks
+pay for it."""
 
 from __future__ import annotations
 
@@ -16,10 +27,15 @@ import math
 import os
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 from torchrec.datasets.utils import Batch
 
-from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, shard_batches
-from dmtrec.data.stream import BadRow, BadRows, batch_rows, check_batch_args, open_lines, short_repr
+from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Rows
+from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batches
+from dmtrec.data.stream import BadRow, BadRows, short_repr
+from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
 from dmtrec.errors import ConfigError, DataError
 
 NUM_DENSE = 13
@@ -27,15 +43,118 @@ NUM_SPARSE = 26
 NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 DENSE_NAMES = [f"I{i + 1}" for i in range(NUM_DENSE)]
 SPARSE_NAMES = [f"C{i + 1}" for i in range(NUM_SPARSE)]
+BLOCK_BYTES = 8 << 20
+
+_COLUMNS = ["label", *DENSE_NAMES, *SPARSE_NAMES]
+_PARSE = pa_csv.ParseOptions(
+    delimiter="\t", quote_char=False, double_quote=False, escape_char=False
+)
 
 
-# -- Criteo ---------------------------------------------------------------------------------
+def _convert(sparse_type: pa.DataType) -> pa_csv.ConvertOptions:
+    # The label as one byte, checked to be '0' or '1' below: exactly what the reference parser
+    # accepts (an integer type would also take '01' or '+1').
+    types = {"label": pa.binary(1), **{n: pa.int64() for n in DENSE_NAMES}}
+    types.update({n: sparse_type for n in SPARSE_NAMES})
+    return pa_csv.ConvertOptions(
+        column_types=types, null_values=[""], strings_can_be_null=True, check_utf8=False
+    )
+
+
+_CONVERT_HEX8 = _convert(pa.binary(8))
+_CONVERT_HEX = _convert(pa.binary())
+
+
+def read_tsv(buffer: pa.Buffer, convert: pa_csv.ConvertOptions) -> pa.Table:
+    """``pyarrow.csv`` on complete Criteo lines, one thread. Its parse blocks are kept small
+    (512 KiB, chunks of ~2k rows): measured 2x faster than one big block (cache), and the
+    numpy conversion below then works chunk by chunk, in cache too."""
+    read = pa_csv.ReadOptions(column_names=_COLUMNS, use_threads=False, block_size=512 << 10)
+    return pa_csv.read_csv(
+        pa.BufferReader(buffer), read_options=read, parse_options=_PARSE, convert_options=convert
+    )
+
+
+def validity(arr: pa.Array) -> np.ndarray:
+    """Non-null mask of an Arrow array, from its validity bitmap."""
+    bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+    return np.unpackbits(bits, bitorder="little")[arr.offset : arr.offset + len(arr)].view(bool)
+
+
+# -- vectorised hex ---------------------------------------------------------------------------
+def _u64(x: int) -> np.uint64:
+    return np.uint64(x)
+
+
+_BYTES = 0x0101010101010101
+_HIGH = _u64(0x80 * _BYTES)
+_ZERO8 = _u64(0x30 * _BYTES)  # "00000000": stands in for a missing hash while validating
+
+
+def _in_range(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """High bit of each byte set where that byte (< 0x80) of ``x`` is in ``[lo, hi]``."""
+    return (x + _u64((0x80 - lo) * _BYTES)) & ~(x + _u64((0x7F - hi) * _BYTES)) & _HIGH
+
+
+def hex8_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values and validity of 8-character hex strings held as little-endian uint64 words.
+
+    Byte k of a word is character k (the most significant digit first). Valid characters are
+    ``0-9a-fA-F``; per byte the digit is ``(c & 0xF) + 9 * (c >> 6)``, and three shift/mask
+    rounds pack the eight nibbles into a 32-bit value.
+    """
+    lower = words | _u64(0x20 * _BYTES)  # 'A'-'F' -> 'a'-'f'; digits are unchanged
+    ok = (words & _HIGH) == 0
+    ok &= (_in_range(lower, 0x30, 0x39) | _in_range(lower, 0x61, 0x66)) == _HIGH
+    d = (lower & _u64(0x0F * _BYTES)) + _u64(9) * ((lower >> _u64(6)) & _u64(_BYTES))
+    d = ((d & _u64(0x000F000F000F000F)) << _u64(4)) | ((d >> _u64(8)) & _u64(0x000F000F000F000F))
+    d = ((d & _u64(0x000000FF000000FF)) << _u64(8)) | ((d >> _u64(16)) & _u64(0x000000FF000000FF))
+    d = ((d & _u64(0xFFFF)) << _u64(16)) | ((d >> _u64(32)) & _u64(0xFFFF))
+    return d, ok
+
+
+_HEX_DIGIT = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX_DIGIT[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX_DIGIT[_c] = 10 + _i
+
+
+def hex_binary(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """Values and validity (non-null) of a binary array of hex strings of any length <= 16.
+
+    None if some non-empty value is not hex or longer than 16 digits."""
+    n = len(arr)
+    off = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+    data = arr.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lens = np.diff(off)
+    valid = lens > 0  # nulls and empty strings both have length 0
+    if lens.max(initial=0) > 16:
+        return None
+    digits = _HEX_DIGIT[raw[off[0] : off[-1]]]
+    if digits.size and digits.max() == 255:
+        return None
+    base = off[:-1] - off[0]
+    ends = np.repeat(base + lens, lens)
+    shift = ((ends - 1 - np.arange(digits.size)) * 4).astype(np.uint64)
+    contrib = digits.astype(np.uint64) << shift
+    out = np.zeros(n, dtype=np.uint64)
+    if valid.any():
+        out[valid] = np.bitwise_or.reduceat(contrib, base[valid])
+    return out, valid
+
+
+# -- the reader -------------------------------------------------------------------------------
 class CriteoTSV:
-    """Criteo day files, streamed: ``paths`` maps a split (train/valid/test) to its files.
+    """Criteo day files: ``paths`` maps a split (train/valid/test) to its files.
 
     ``table_size`` is the embedding table size, one for all 26 features or one per feature;
     id 0 of every table is reserved for a missing value. ``stats[split]`` is reset at each
-    ``batches`` call and filled while streaming: ``rows`` counts rows kept, ``skipped`` bad ones.
+    ``batches`` call and filled while reading: ``rows`` counts rows kept, ``skipped`` bad ones,
+    ``parsed`` the records this rank parsed. ``shuffle`` permutes the train split every epoch
+    (blocks of ``block_bytes`` and the rows inside each, from ``seed``; see
+    ``dmtrec.data.shard``); other splits are read in file order.
     """
 
     def __init__(
@@ -43,6 +162,9 @@ class CriteoTSV:
         paths: dict[str, list[str]],
         table_size: int | list[int] = 100_000,
         max_bad_rows: int = 100,
+        shuffle: bool = False,
+        seed: int = 0,
+        block_bytes: int = BLOCK_BYTES,
     ) -> None:
         unknown = sorted(set(paths) - set(SPLITS))
         if unknown:
@@ -64,8 +186,14 @@ class CriteoTSV:
             raise ConfigError("--table-size must be >= 2 (id 0 is reserved for missing)")
         if max_bad_rows < 0:
             raise ConfigError("--max-bad-rows must be >= 0")
+        if block_bytes < 1:
+            raise ConfigError("--block-mb must be > 0")
+        if seed < 0:
+            raise ConfigError(f"--shuffle-seed must be >= 0, not {seed}")
         self.max_bad_rows = max_bad_rows
+        self.shuffle, self.seed, self.block_bytes = shuffle, seed, block_bytes
         self._moduli = [s - 1 for s in sizes]
+        self._moduli_u64 = np.array(self._moduli, dtype=np.uint64)[:, None]
         self.spec = FeatureSpec(
             dense=list(DENSE_NAMES), sparse=list(SPARSE_NAMES), num_embeddings=sizes
         )
@@ -76,45 +204,139 @@ class CriteoTSV:
         """Splits that have files, in train/valid/test order."""
         return [s for s in SPLITS if s in self.paths]
 
-    def batches(
-        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0
-    ) -> Iterator[Batch]:
-        """Stream ``split`` in file order as batches, round-robin sharded over ranks.
+    def files(self, split: str) -> list[TextFile]:
+        return [
+            TextFile(p, i, header=False, block_bytes=self.block_bytes)
+            for i, p in enumerate(self.paths[split])
+        ]
 
-        ``epoch`` is accepted for interface parity with the in-memory sources; a stream is
-        not shuffled (shuffle the day files upstream if needed).
-        """
+    def batches(
+        self,
+        split: str,
+        global_batch_size: int,
+        *,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``)."""
         if split not in self.paths:
             raise ConfigError(f"no files given for split {split!r}")
-        check_batch_args(batch_size, rank, world_size)
+        check_shard_args(global_batch_size, rank, world_size)
         stats = self.stats[split] = DataStats()
-        rows = self._rows(self.paths[split], BadRows(stats, self.max_bad_rows))
-        return shard_batches(
-            batch_rows(rows, batch_size, self.spec.sparse, NUM_DENSE), rank, world_size
-        )
+        blocks = self.blocks(split, epoch, BadRows(stats, self.max_bad_rows))
+        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats)
+        return (r.to_batch(self.spec.sparse) for r in rows)
 
-    def _rows(
-        self, files: list[str], bad: BadRows
-    ) -> Iterator[tuple[float, list[float], list[int]]]:
-        for path in files:
-            seen = 0
-            for lineno, line in enumerate(open_lines(path), 1):
-                line = line.rstrip("\r\n")
-                if not line:
-                    continue  # blank lines (e.g. a trailing one) are not rows
-                seen += 1
-                try:
-                    row = self._parse(line)
-                except BadRow as err:
-                    bad.record(path, str(lineno), err)
-                    continue
-                bad.stats.rows += 1
-                yield row
-            if seen == 0:
-                raise DataError(f"{path}: empty file (no rows)")
+    def blocks(self, split: str, epoch: int, bad: BadRows) -> Iterator[_CriteoBlock]:
+        """The split's blocks in epoch order, ready to parse."""
+        shuffle = self.shuffle and split == "train"
+        files = self.files(split)
+        counts = [0] * len(files)
+        for f in files:
+            if f.size == 0:
+                raise DataError(f"{f.path}: empty file (no rows)")
+        for tb in epoch_blocks(files, shuffle, self.seed, epoch):
+            counts[tb.file.index] += tb.n
+            order = block_permutation(self.seed, epoch, tb.key, tb.n) if shuffle else None
+            yield _CriteoBlock(self, tb, order, bad)
+        for f, c in zip(files, counts):
+            if c == 0:
+                raise DataError(f"{f.path}: empty file (no rows)")
 
-    def _parse(self, line: str) -> tuple[float, list[float], list[int]]:
-        fields = line.split("\t")
+    # -- parsing ----------------------------------------------------------------------------
+    def parse_lines(self, buffer: pa.Buffer, n: int) -> Rows | None:
+        """Vectorised parse of ``n`` complete lines; None if any of them is not a good row."""
+        try:
+            table = read_tsv(buffer, _CONVERT_HEX8)
+            general = False
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            try:
+                table = read_tsv(buffer, _CONVERT_HEX)  # hashes of other lengths
+                general = True
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return None
+        if table.num_rows != n:
+            return None
+        labels = np.empty(n, dtype=np.float32)
+        dense = np.empty((n, NUM_DENSE), dtype=np.float32)
+        ids = np.empty((NUM_SPARSE, n), dtype=np.int64)
+        columns = table.columns
+        start = 0
+        for c in range(columns[0].num_chunks):  # the parse blocks: the same for every column
+            chunk = [col.chunk(c) for col in columns]
+            end = start + len(chunk[0])
+            if not self._convert_chunk(
+                chunk, general, labels[start:end], dense[start:end], ids[:, start:end]
+            ):
+                return None
+            start = end
+        return Rows(labels, dense, ids)
+
+    def _convert_chunk(
+        self,
+        cols: list[pa.Array],
+        general: bool,
+        labels: np.ndarray,
+        dense: np.ndarray,
+        ids: np.ndarray,
+    ) -> bool:
+        """Fill the output slices from one parsed chunk; False if a row in it is not good."""
+        n = len(labels)
+        label = cols[0]
+        if label.null_count:
+            return False
+        byte = np.frombuffer(label.buffers()[1], dtype=np.uint8, count=n, offset=label.offset)
+        byte = byte - np.uint8(ord("0"))
+        if np.any(byte > 1):
+            return False
+        labels[:] = byte
+        counts = np.empty((NUM_DENSE, n), dtype=np.int64)
+        for j, col in enumerate(cols[1 : 1 + NUM_DENSE]):
+            counts[j] = np.frombuffer(
+                col.buffers()[1], dtype=np.int64, count=n, offset=col.offset * 8
+            )
+            if col.null_count:
+                counts[j][~validity(col)] = 0
+        np.maximum(counts, 0, out=counts)
+        dense[:] = np.log1p(counts.astype(np.float64)).T
+        sparse = cols[1 + NUM_DENSE :]
+        if general:
+            got = [hex_binary(c) for c in sparse]
+            if any(g is None for g in got):
+                return False
+            values = np.stack([g[0] for g in got])  # type: ignore[index]
+            valid = np.stack([g[1] for g in got])  # type: ignore[index]
+        else:
+            values, valid = self._hex8_columns(sparse, n)
+            if values is None:
+                return False
+        values %= self._moduli_u64
+        values += _u64(1)
+        values[~valid] = 0
+        ids[:] = values
+        return True
+
+    @staticmethod
+    def _hex8_columns(cols: list[pa.Array], n: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Values and validity of 8-byte hash columns (F x n); values None if one is not hex."""
+        words = np.empty((len(cols), n), dtype=np.uint64)
+        valid = np.ones((len(cols), n), dtype=bool)
+        for j, col in enumerate(cols):
+            words[j] = np.frombuffer(col.buffers()[1], dtype="<u8", count=n, offset=col.offset * 8)
+            if col.null_count:
+                valid[j] = validity(col)
+        if not valid.all():
+            words[~valid] = _ZERO8
+        values, ok = hex8_words(words)
+        if not ok.all():
+            return None, valid
+        return values, valid
+
+    def parse_line(self, line: str) -> tuple[float, list[float], list[int]]:
+        """The reference parser of one line (raises ``BadRow``): used to re-scan a block whose
+        fast parse failed, so messages and skip counts match a line-by-line reader's."""
+        fields = line.rstrip("\r\n").split("\t")
         if len(fields) != NUM_FIELDS:
             raise BadRow(
                 f"expected {NUM_FIELDS} tab-separated fields (label, {NUM_DENSE} integer, "
@@ -126,7 +348,6 @@ class CriteoTSV:
             label = 0.0
         else:
             raise BadRow(f"{short_repr(fields[0])} is not 0 or 1", (1, "label"))
-        # Fast path: whole-row comprehensions; only a failing row is re-scanned for its column.
         try:
             counts = [int(t) if t else 0 for t in fields[1 : 1 + NUM_DENSE]]
             dense = [math.log1p(x) if x > 0 else 0.0 for x in counts]
@@ -156,3 +377,43 @@ class CriteoTSV:
                 col = (2 + NUM_DENSE + j, SPARSE_NAMES[j])
                 return BadRow(f"{short_repr(tok)} is not a hex id", col)
         return BadRow("unparsable row")  # not reached: some field above failed
+
+
+class _CriteoBlock:
+    """A text block of a Criteo file, parsed on demand (see ``shard.Block``)."""
+
+    def __init__(
+        self, reader: CriteoTSV, block: TextBlock, order: np.ndarray | None, bad: BadRows
+    ) -> None:
+        self.reader, self.block, self.order, self.bad = reader, block, order, bad
+        self.n = block.n
+
+    def parse(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
+        rows = self.reader.parse_lines(self.block.lines(records), len(records))
+        if rows is not None:
+            return rows, np.ones(len(records), dtype=bool)
+        return self._rescan(records, report)
+
+    def _rescan(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
+        """Line-by-line parse of ``records``: exact messages for the bad ones."""
+        good = np.zeros(len(records), dtype=bool)
+        labels, dense, ids = [], [], []
+        lines = self.block.line_texts(records)
+        numbers = self.block.line_numbers(records) if report else None
+        for i, line in enumerate(lines):
+            try:
+                label, d, s = self.reader.parse_line(line)
+            except BadRow as err:
+                if numbers is not None:
+                    self.bad.record(self.block.file.path, str(numbers[i]), err)
+                continue
+            good[i] = True
+            labels.append(label)
+            dense.append(d)
+            ids.append(s)
+        rows = Rows(
+            np.asarray(labels, dtype=np.float32),
+            np.asarray(dense, dtype=np.float32).reshape(len(labels), NUM_DENSE),
+            np.asarray(ids, dtype=np.int64).reshape(len(labels), NUM_SPARSE).T.copy(),
+        )
+        return rows, good

@@ -29,28 +29,35 @@ from torchrec.datasets.utils import Batch
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, make_batch, shard_batches
 from dmtrec.errors import ConfigError
+from dmtrec.options import option
 
 
 @dataclass
 class SyntheticConfig:
     """Sizes and structure of the synthetic set; defaults are small enough for a 2-core box."""
 
-    num_dense: int = 13
-    num_sparse: int = 26
-    num_groups: int = 4
-    table_size: int = 1000
-    num_train: int = 100_000
-    num_valid: int = 10_000
-    num_test: int = 20_000
-    latent_rank: int = 4
-    order: int = 2  # highest planted interaction order: 2 (pairs) or 3 (adds triples)
-    triple_share: float = 0.5  # order 3: share of the interaction variance from the triples
-    triple_form: str = "anova"  # order 3: "anova" (sum_r U_i U_j U_k) or "pairprod" (see above)
-    zipf_alpha: float = 1.05
-    logit_std: float = 1.5  # scale of the interaction part of the true logit
-    base_rate: float = 0.25
-    shuffle_groups: bool = True  # feature order shuffled relative to the groups
-    seed: int = 0
+    num_dense: int = option(13, "synthetic: dense features", minimum=0)
+    num_sparse: int = option(26, "synthetic: sparse features", minimum=1)
+    num_groups: int = option(4, "synthetic: planted interaction groups", minimum=1)
+    table_size: int = option(
+        1000, "synthetic: rows per table", flag="synthetic-table-size", aliases=("rows",), minimum=2
+    )
+    num_train: int = option(100_000, "synthetic: train rows", minimum=0)
+    num_valid: int = option(10_000, "synthetic: validation rows", minimum=0)
+    num_test: int = option(20_000, "synthetic: test rows", minimum=0)
+    latent_rank: int = option(4, "synthetic: rank of the planted latent vectors", minimum=1)
+    order: int = option(2, "synthetic: highest planted interaction order", choices=(2, 3))
+    triple_share: float = option(
+        0.5, "synthetic order 3: variance share of the triples", minimum=0, maximum=1
+    )
+    triple_form: str = option(
+        "anova", "synthetic order 3: form of the triples", choices=("anova", "pairprod")
+    )
+    zipf_alpha: float = option(1.05, "synthetic: power-law exponent of the id frequencies")
+    logit_std: float = option(1.5, "synthetic: scale of the interaction part of the true logit")
+    base_rate: float = option(0.25, "synthetic: positive rate", minimum=0, maximum=1)
+    shuffle_groups: bool = option(True, "synthetic: feature order shuffled relative to groups")
+    seed: int = option(0, "seed of the synthetic tables and rows (the CLI's --seed)", cli=False)
 
     def validate(self) -> None:
         if self.num_sparse < 1 or self.num_dense < 0:
@@ -61,7 +68,7 @@ class SyntheticConfig:
                 f"features ({self.num_sparse})"
             )
         if self.table_size < 2:
-            raise ConfigError("--table-size must be >= 2")
+            raise ConfigError("--synthetic-table-size must be >= 2")
         if self.order not in (2, 3):
             raise ConfigError(f"--order must be 2 or 3, not {self.order}")
         if self.triple_form not in ("anova", "pairprod"):
