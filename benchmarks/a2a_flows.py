@@ -62,8 +62,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     args = ap.parse_args()
 
-    from dmtrec.parallel.launch import quiet_libraries, spawn_in_hosts
-    from dmtrec.parallel.netem import EmulatedHosts, LinkSpec
+    from dmtrec.emulate.launch import spawn_in_hosts
+    from dmtrec.emulate.netns import EmulatedHosts, LinkSpec
+    from dmtrec.parallel.launch import quiet_libraries
 
     quiet_libraries()
     here = os.path.dirname(os.path.abspath(__file__))  # ranks import this file by name

@@ -12,22 +12,32 @@ Run: ``python benchmarks/sptt_stages.py`` (loopback) or, as root,
 import statistics
 import time
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from dmtrec.data import DataConfig, load_data, shard_rows
-from dmtrec.models import ModelConfig, build_model
-from dmtrec.parallel.sharding import dense_and_fused_optimizer
-from dmtrec.parallel.topology import Topology
-from dmtrec.partition import make_partition
-from dmtrec.train.trainer import TrainConfig, wrap_model
+from dmtrec.data import DataConfig, load_data
+from dmtrec.models import ModelConfig
+from dmtrec.parallel.build import build
+from dmtrec.train.step import train_step
+from dmtrec.train.trainer import TrainConfig, local_batches
+
+
+class PhaseClock:
+    """A ``train_step`` observer that timestamps the step's phases (forward, backward)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    @property
+    def phase(self) -> str:
+        return self.marks[-1][0] if self.marks else ""
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self.marks.append((name, time.perf_counter()))
 
 
 def run(parallel, steps=12):
     rank, world = dist.get_rank(), dist.get_world_size()
-    topo = Topology(2, 2)
-    torch.manual_seed(0)
     dcfg = DataConfig(
         synthetic=dict(
             num_sparse=32,
@@ -41,28 +51,22 @@ def run(parallel, steps=12):
     data = load_data(dcfg)
     mcfg = ModelConfig(embedding_dim=32, bottom=[32], top=[32])
     if parallel == "dmt":
-        mcfg.towers = make_partition("planted", data.spec.sparse, 4, data.spec.groups)
-    model = build_model(mcfg, data.spec)
+        mcfg.num_towers, mcfg.partition = 4, "planted"
     tcfg = TrainConfig(parallel=parallel, hosts=2, ranks_per_host=2, batch_size=256)
-    wrapped = wrap_model(model, mcfg, tcfg, topo)
-    opt = dense_and_fused_optimizer(wrapped, [wrapped.fused_optimizer], "adam", 1e-3)
-    batches = list(shard_rows(data.batches("train", 256 * world), rank, world))
+    built = build(data.spec, mcfg, tcfg)
+    wrapped = built.model
+    batches = list(local_batches(data, "train", 256 * world, rank, world))
     fwd, bwd = [], []
     for i in range(steps):
         b = batches[i % len(batches)]
         dist.barrier()
-        t0 = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(
-            wrapped(b.dense_features, b.sparse_features), b.labels
-        )
-        t1 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        t2 = time.perf_counter()
+        clock = PhaseClock()
+        train_step(wrapped, built.optimizer, b, observer=clock)
+        t_end = time.perf_counter()
+        (_, t0), (_, t1) = clock.marks
         if i >= 4:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
+            fwd.append(t1 - t0)  # forward + loss
+            bwd.append(t_end - t1)  # zero_grad + backward (fused sparse update) + dense step
     prof = None
     if parallel == "dmt":
         # stage timing of SPTT forward
@@ -101,8 +105,9 @@ if __name__ == "__main__":
     import os
     import sys
 
-    from dmtrec.parallel.launch import quiet_libraries, spawn, spawn_in_hosts
-    from dmtrec.parallel.netem import EmulatedHosts, LinkSpec
+    from dmtrec.emulate.launch import spawn_in_hosts
+    from dmtrec.emulate.netns import EmulatedHosts, LinkSpec
+    from dmtrec.parallel.launch import quiet_libraries, spawn
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cross-mbit", type=float, default=None, help="emulated hosts (root)")

@@ -1,4 +1,4 @@
-"""One-step equivalence of a distributed model with its single-process reference.
+"""Test harness: one-step equivalence of a distributed model with its single-process reference.
 
 ``one_step`` runs forward + backward of one global batch on every rank and returns what a
 reference must reproduce: the global logits, the global mean loss, every dense gradient
@@ -21,10 +21,10 @@ from torch import nn
 from dmtrec.data import DataConfig, load_data, shard_rows
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.models.common import table_weights
-from dmtrec.parallel.comm import CommCounter
-from dmtrec.parallel.sharding import add_fused_embedding_optimizer, copy_table_weights, shard
-from dmtrec.parallel.sptt import SPTT
-from dmtrec.parallel.topology import Topology, make_process_groups
+from dmtrec.observe.comm import CommCounter
+from dmtrec.parallel.build import build
+from dmtrec.parallel.topology import Topology
+from dmtrec.train.trainer import TrainConfig
 
 SPARSE_LR = 0.5
 
@@ -68,19 +68,19 @@ def one_step(setup: StepSetup) -> dict:
     topo = Topology(setup.hosts, setup.ranks_per_host)
     model, data = reference_model(setup)
     before = {k: v.clone() for k, v in table_weights(model).items()}
-    device = torch.device("cpu")
     counter = CommCounter(topo, rank)
+    opts = TrainConfig(
+        parallel=setup.mode,
+        hosts=setup.hosts,
+        ranks_per_host=setup.ranks_per_host,
+        sharding=setup.sharding,
+        sparse_optimizer="sgd",
+        sparse_lr=SPARSE_LR,
+        seed=setup.seed,
+    )
     with counter.install():
-        if setup.mode == "dmt":
-            wrapped = SPTT(
-                model, make_process_groups(topo), device, setup.sharding, "sgd", SPARSE_LR
-            )
-        else:
-            add_fused_embedding_optimizer(model.ebc, "sgd", SPARSE_LR)
-            wrapped = shard(
-                model, [model.ebc], dist.group.WORLD, setup.sharding, device, topo.ranks_per_host
-            )
-            copy_table_weights(wrapped, before)
+        built = build(data.spec, copy.deepcopy(setup.model), opts, reference=model, count_comm=True)
+        wrapped = built.model
         batch = next(shard_rows(iter([global_batch(data, setup)]), rank, topo.world_size))
         counter.reset()
         counter.phase = "forward"

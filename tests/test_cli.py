@@ -24,8 +24,8 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     [
         (["--towers", "30"], "--towers 30 exceeds the number of sparse features (26)"),
         (["--towers", "0"], "--towers must be >= 1"),
-        (["--towers", "4", "--tm", "dlrm", "--cr", "4"], "--cr 4 does not divide the tower width"),
-        (["--towers", "2", "--tm", "magic"], "--tm: unknown tower module 'magic'"),
+        (["--towers", "4", "--tm", "dlrm", "--cr", "8"], "--cr 8 is larger than a tower of 7 features"),
+        (["--towers", "2", "--tm", "magic"], "--tm: unknown 'magic'; choose from identity"),
         (
             ["--parallel", "dmt", "--hosts", "2", "--ranks-per-host", "2"],
             "--parallel dmt needs --towers",
@@ -35,7 +35,7 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
             "--towers 1 is fewer than --hosts 2",
         ),
         (["--parallel", "fast"], "--parallel: unknown 'fast'"),
-        (["--model", "gbdt"], "--model: unknown model 'gbdt'"),
+        (["--model", "gbdt"], "--model: unknown 'gbdt'; choose from dlrm"),
         (
             ["--data", "criteo", "--train", "/nonexistent/day_0.gz"],
             "/nonexistent/day_0.gz: no such file",
@@ -65,7 +65,51 @@ def test_config_file_values_and_errors(capsys: pytest.CaptureFixture, tmp_path: 
     good = tmp_path / "good.yaml"
     good.write_text("model: nope\n")
     # a config value is used (and validated) unless the command line overrides it
-    assert "unknown model 'nope'" in _error(capsys, ["train", "--config", str(good)])
+    assert "good.yaml: model: unknown 'nope'; choose from dlrm" in _error(
+        capsys, ["train", "--config", str(good)]
+    )
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("epochs: abc\n", "epochs: expected an integer, got 'abc'"),
+        ("epochs: 1.5\n", "epochs: expected an integer, got 1.5"),
+        ("dense: 5\n", "dense: expected a string, got 5"),
+        ("lr: .nan\n", "lr: expected a number, got nan"),
+        ("towers: [1, 2]\n", "towers: expected a tower count or a towers.json path"),
+        ("batch-size: 0\n", "batch-size: must be >= 1, got 0"),
+    ],
+)
+def test_config_values_are_typed_by_their_option(
+    capsys: pytest.CaptureFixture, tmp_path: Path, yaml_text: str, message: str
+) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text)
+    assert f"run.yaml: {message}" in _error(capsys, ["train", "--config", str(cfg)])
+
+
+def test_config_towers_count_is_used(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    # YAML `towers: 4` is a tower count (was an internal AttributeError)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("towers: 30\n")
+    assert "--towers 30 exceeds the number of sparse features (26)" in _error(
+        capsys, ["train", "--config", str(cfg), "--num-train", "100", "--out", str(tmp_path)]
+    )
+
+
+def test_help_shows_every_option_with_default(capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    # every option's help block ends with its default
+    blocks = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    opts = [b for b in blocks if b.startswith("--")]
+    assert len(opts) > 50
+    missing = [b.split()[0] for b in opts if "(default:" not in " ".join(b.split())]
+    assert missing == []
 
 
 def test_towers_json_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

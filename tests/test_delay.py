@@ -1,4 +1,4 @@
-"""Injected link delays (``parallel/delay.py``): the alpha-beta cost each rank sleeps before a
+"""Injected link delays (``emulate/delay.py``): the alpha-beta cost each rank sleeps before a
 collective, against closed forms, on a real 2 hosts x 2 ranks gloo run."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dmtrec.parallel.delay import LinkDelay, collective_delay, inject_delay
+from dmtrec.emulate.delay import LinkDelay, collective_delay, inject_delay
 from dmtrec.parallel.launch import spawn
 from dmtrec.parallel.topology import Topology, make_process_groups
 
@@ -43,7 +43,7 @@ def test_all_reduce_is_a_ring_over_the_slowest_link() -> None:
 
 def test_bench_link_modes_inject_what_they_say() -> None:
     from dmtrec.bench.dmt import link_delay
-    from dmtrec.parallel.netem import LinkSpec
+    from dmtrec.emulate.netns import LinkSpec
 
     spec = LinkSpec(cross_mbit=100.0, ratio=48.0)
     netns = link_delay("netns", spec, 2, cross_latency_ms=30.0, intra_latency_ms=10.0)

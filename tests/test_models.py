@@ -86,9 +86,9 @@ def test_identity_towers_equal_flat_model_in_tower_order() -> None:
         (dict(towers=[["a", "b"], ["c"]], tm="mystery"), "--tm: unknown tower module 'mystery'"),
         (
             dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=2),
-            "--cr 2 does not divide the tower width (1 features)",
+            "--cr 2 is larger than a tower of 1 features",
         ),
-        (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=3), "--cr must be one of"),
+        (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=0), "--cr must be >= 1"),
         (
             dict(towers=[["a", "b"], ["c"]], tm="identity", cr=2),
             "identity tower module does not compress",
@@ -106,3 +106,7 @@ def test_make_tower_module_output_count() -> None:
     for cr in (1, 2, 4, 8):
         tm = make_tower_module("dlrm", 8, 4, cr)
         assert tm(torch.randn(2, 8, 4)).shape == (2, 8 // cr, 4)
+    # any CR <= m: a tower of m features yields ceil(m / CR) virtual features
+    for kind in ("dlrm", "dcn", "wukong"):
+        for m, cr, n in ((7, 2, 4), (7, 3, 3), (7, 7, 1), (5, 4, 2)):
+            assert make_tower_module(kind, m, 4, cr)(torch.randn(3, m, 4)).shape == (3, n, 4)

@@ -7,11 +7,12 @@ import subprocess
 import pytest
 
 from dmtrec.data import DataConfig
+from dmtrec.emulate.launch import spawn_in_hosts
+from dmtrec.emulate.netns import EmulatedHosts, LinkSpec, available
 from dmtrec.errors import DmtrecError
 from dmtrec.models import ModelConfig
-from dmtrec.parallel.equivalence import StepSetup, one_step
-from dmtrec.parallel.launch import spawn_in_hosts
-from dmtrec.parallel.netem import EmulatedHosts, LinkSpec, available
+
+from equivalence import StepSetup, one_step
 
 pytestmark = pytest.mark.skipif(
     available() is not None, reason=f"no network namespaces: {available()}"

@@ -11,7 +11,9 @@ import torch
 from dmtrec.data import DataConfig
 from dmtrec.models import ModelConfig
 from dmtrec.models.common import FlatModel
-from dmtrec.parallel.equivalence import (
+from dmtrec.parallel.launch import spawn
+
+from equivalence import (
     StepSetup,
     assemble_table_grads,
     global_batch,
@@ -19,7 +21,6 @@ from dmtrec.parallel.equivalence import (
     reference_model,
     reference_step,
 )
-from dmtrec.parallel.launch import spawn
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5

@@ -83,7 +83,7 @@ def test_interaction_signal_lives_inside_groups() -> None:
     [
         (dict(num_groups=30), "--num-groups 30"),
         (dict(order=4), "--order must be 2 or 3"),
-        (dict(table_size=1), "--table-size"),
+        (dict(table_size=1), "--synthetic-table-size"),
         (dict(order=3, triple_share=1.5), "--triple-share must be in"),
         (dict(order=3, triple_form="cubic"), "--triple-form must be anova or pairprod"),
     ],

@@ -3,8 +3,8 @@
 Runs the baseline (TorchRec DMP, table-wise and row-wise) and DMT (SPTT; identity TMs at CR=1,
 DLRM TMs at CR 2/4/8) on H emulated hosts x L ranks, each for warm-up then timed steps, on an
 emulated 2-tier network: ``--link netns`` (namespaces + tbf-shaped links, see
-``parallel/netem.py``; per-message latency ``--cross-latency-ms``/``--intra-latency-ms``
-slept before each collective, see ``parallel/delay.py``, as this kernel has no netem),
+``emulate/netns.py``; per-message latency ``--cross-latency-ms``/``--intra-latency-ms``
+slept before each collective, see ``emulate/delay.py``, as this kernel has no netem),
 ``--link delay`` (the fallback without root: bandwidth, and latency if set, slept on loopback)
 or plain loopback (``--link none``). Step times are wall-clock per
 step on rank 0 between barriers (so the slowest rank sets them); comparisons are within this
@@ -22,34 +22,37 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from dmtrec.data import DataConfig, shard_rows
+from dmtrec.data import DataConfig, load_data
+from dmtrec.emulate.delay import LinkDelay, inject_delay
+from dmtrec.emulate.netns import LinkSpec
 from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig
-from dmtrec.parallel.comm import CommCounter
-from dmtrec.parallel.delay import LinkDelay, inject_delay
-from dmtrec.parallel.netem import LinkSpec
-from dmtrec.parallel.sharding import dense_and_fused_optimizer
+from dmtrec.observe.comm import CommCounter
+from dmtrec.parallel.build import build
+from dmtrec.parallel.launch import rank_device, synchronize
 from dmtrec.parallel.topology import Topology, make_process_groups
-from dmtrec.train.trainer import TrainConfig, setup_model, wrap_model
+from dmtrec.train.step import train_step
+from dmtrec.train.trainer import TrainConfig, local_batches
 
 
 def _measure_links(topo: Topology, nbytes: int = 1 << 22) -> dict[str, float]:
     """MB/s one rank achieves in an all-to-all inside its host and across hosts."""
     groups = make_process_groups(topo)
+    device = rank_device()
     out: dict[str, float] = {}
     for name, group, n in (
         ("intra", groups.intra, topo.ranks_per_host),
         ("cross", groups.peer, topo.hosts),
     ):
-        x = torch.zeros(nbytes // 4 * n)
+        x = torch.zeros(nbytes // 4 * n, device=device)
         y = torch.empty_like(x)
         dist.all_to_all_single(y, x, group=group)  # warm the connections
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(3):
             dist.all_to_all_single(y, x, group=group)
+        synchronize(device)
         dist.barrier()
         sent = 3 * nbytes * (n - 1)
         out[f"{name}_MBps"] = sent / (time.perf_counter() - t0) / 1e6
@@ -68,16 +71,14 @@ def bench_worker(
     """Warm-up + timed training steps of one configuration (run on every rank)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
-    data, model = setup_model(dcfg, mcfg, tcfg.seed)
-    batches = list(shard_rows(data.batches("train", tcfg.batch_size * world), rank, world))
+    data = load_data(dcfg)
+    batches = list(local_batches(data, "train", tcfg.batch_size * world, rank, world))
     links = _measure_links(topo) if probe else {}  # the TCP links as they are, no delays
     counter = CommCounter(topo, rank)
     times: list[float] = []
     with counter.install(), inject_delay(topo, rank, delay or LinkDelay()) as slept:
-        wrapped = wrap_model(model, mcfg, tcfg, topo)
-        opt = dense_and_fused_optimizer(
-            wrapped, [wrapped.fused_optimizer], tcfg.dense_optimizer, tcfg.lr
-        )
+        built = build(data.spec, mcfg, tcfg, count_comm=True)
+        batches = [b.to(built.device) for b in batches]
         for i in range(warmup + steps):
             batch = batches[i % len(batches)]
             if i == warmup:
@@ -85,22 +86,15 @@ def bench_worker(
                 slept.clear()
             dist.barrier()
             t0 = time.perf_counter()
-            counter.phase = "forward"
-            loss = F.binary_cross_entropy_with_logits(
-                wrapped(batch.dense_features, batch.sparse_features), batch.labels
-            )
-            opt.zero_grad()
-            counter.phase = "backward"
-            loss.backward()
-            opt.step()
+            train_step(built.model, built.optimizer, batch, observer=counter)
+            synchronize(built.device)
             dist.barrier()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         injected = torch.tensor([sum(slept) / max(steps, 1)], dtype=torch.float64)
     # outside the delays: these collectives are bookkeeping, not part of a step
     comm = counter.totals(steps)
-    if torch.cuda.is_available():  # NCCL reduces only accelerator tensors
-        injected = injected.cuda()
+    injected = injected.to(built.device)  # NCCL reduces only accelerator tensors
     # the barriers make the slowest rank set the step time, so report the most any rank slept
     dist.all_reduce(injected, op=dist.ReduceOp.MAX)
     out = {"step_s": times, "comm": comm, "links": links, "injected_s": float(injected.item())}
@@ -166,8 +160,9 @@ def bench_dmt(
     steps: int = 10,
 ) -> dict[str, Any]:
     """Run every configuration under one link set-up; write ``bench.json`` and ``bench.png``."""
-    from dmtrec.parallel.launch import spawn, spawn_in_hosts
-    from dmtrec.parallel.netem import EmulatedHosts
+    from dmtrec.emulate.launch import spawn_in_hosts
+    from dmtrec.emulate.netns import EmulatedHosts
+    from dmtrec.parallel.launch import spawn
 
     for name, value in (("--cross-mbit", cross_mbit), ("--ratio", ratio), ("--queue-ms", queue_ms)):
         if not value > 0:

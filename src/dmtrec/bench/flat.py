@@ -1,4 +1,4 @@
-"""Flat-kernel throughput: dmtrec's flat DLRM vs ``torchrec.models.dlrm.DLRM`` (issue 3/6).
+"""Flat-kernel throughput: dmtrec's flat DLRM vs ``torchrec.models.dlrm.DLRM``.
 
 Both models get the same tables, the same MLP sizes, the same weights and the same batches, and
 go through the same training path (row-wise Adagrad fused into the TBE backward, table-wise
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM
@@ -34,12 +33,9 @@ from dmtrec.data.synthetic import SyntheticConfig, SyntheticData
 from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.models.common import make_ebc, table_weights
-from dmtrec.parallel.sharding import (
-    add_fused_embedding_optimizer,
-    copy_table_weights,
-    dense_and_fused_optimizer,
-    shard,
-)
+from dmtrec.parallel.build import distribute
+from dmtrec.parallel.launch import synchronize
+from dmtrec.train.step import train_step
 
 SPARSE_OPTIMIZER, SPARSE_LR = "rowwise_adagrad", 0.05
 DENSE_OPTIMIZER, DENSE_LR = "adam", 1e-3
@@ -61,17 +57,20 @@ class _Runner:
     step_s: list[float] = field(default_factory=list)
     round_eps: list[float] = field(default_factory=list)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        out = self.dmp(batch.dense_features, batch.sparse_features)
+    device: torch.device = torch.device("cpu")
+
+    def __call__(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        out = self.dmp(dense, sparse)
         return out.squeeze(-1) if self.squeeze else out
 
+    def logits(self, batch: Batch) -> torch.Tensor:
+        return self(batch.dense_features, batch.sparse_features)
+
     def step(self, batch: Batch) -> float:
-        """One forward, BCE loss, zero_grad, backward, optimizer step; returns its seconds."""
+        """The trainer's step (``train/step.py``); returns its seconds (device work included)."""
         t0 = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(self.logits(batch), batch.labels)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        train_step(self, self.optimizer, batch)
+        synchronize(self.device)
         return time.perf_counter() - t0
 
     def run(self, batches: list[Batch], n: int, timed: bool) -> None:
@@ -112,13 +111,19 @@ def _to_torchrec_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _wrap(model: nn.Module, ebc: nn.Module, full: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
-    """The trainer's ``--parallel none`` path: fused sparse optimizer, DMP, Adam on the rest."""
-    add_fused_embedding_optimizer(ebc, SPARSE_OPTIMIZER, SPARSE_LR)
-    dmp = shard(model, [ebc], dist.group.WORLD, SHARDING, torch.device("cpu"), 1)
-    copy_table_weights(dmp, full)  # sharded fused tables start random: same weights in both
-    optimizer = dense_and_fused_optimizer(dmp, [dmp.fused_optimizer], DENSE_OPTIMIZER, DENSE_LR)
-    return dmp, optimizer
+@dataclass
+class _Opts:
+    """The trainer's ``--parallel none`` options, for ``parallel.build.distribute``."""
+
+    parallel: str = "none"
+    hosts: int = 1
+    ranks_per_host: int = 1
+    sharding: str = SHARDING
+    sparse_optimizer: str = SPARSE_OPTIMIZER
+    sparse_lr: float = SPARSE_LR
+    dense_optimizer: str = DENSE_OPTIMIZER
+    lr: float = DENSE_LR
+    seed: int = 0
 
 
 def _version(package: str) -> str | None:
@@ -191,13 +196,15 @@ def bench_flat(
     dm_model = build_model(mcfg, spec)
     tr_model = _torchrec_dlrm(spec, embedding_dim, bottom_l, top_l)
     tr_model.load_state_dict(_to_torchrec_keys(dm_model.state_dict()), strict=True)
-    full = table_weights(dm_model)
-    dm_dmp, dm_opt = _wrap(dm_model, dm_model.ebc, full)
-    tr_dmp, tr_opt = _wrap(tr_model, tr_model.sparse_arch.embedding_bag_collection, full)
+    full = table_weights(dm_model)  # sharded fused tables start random: same weights in both
+    opts = _Opts(seed=seed)
+    dm_b = distribute(dm_model, dm_model.ebc, opts, weights=full)
+    tr_b = distribute(tr_model, tr_model.sparse_arch.embedding_bag_collection, opts, weights=full)
     del full, dm_model, tr_model
     gc.collect()
-    dm = _Runner("dmtrec", dm_dmp, dm_opt, squeeze=False)
-    tr = _Runner("torchrec", tr_dmp, tr_opt, squeeze=True)
+    batches = [b.to(dm_b.device) for b in batches]
+    dm = _Runner("dmtrec", dm_b.model, dm_b.optimizer, squeeze=False, device=dm_b.device)
+    tr = _Runner("torchrec", tr_b.model, tr_b.optimizer, squeeze=True, device=tr_b.device)
 
     with torch.no_grad():
         dm_out, tr_out = dm.logits(batches[0]), tr.logits(batches[0])

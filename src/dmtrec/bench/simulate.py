@@ -378,7 +378,7 @@ def overlap_time(compute_s: np.ndarray, net_s: np.ndarray, kappa: float, eta: fl
 
 
 def _injected(run: dict[str, Any]) -> float:
-    """Seconds per step the run slept in injected link delays (``parallel/delay.py``): known
+    """Seconds per step the run slept in injected link delays (``emulate/delay.py``): known
     exactly, serial with everything else, so added to the model, not fitted."""
     return float(run.get("injected_delay_s_per_step", 0.0))
 
@@ -566,3 +566,37 @@ def _plot(report: dict[str, Any], crs: list[int], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_simulate_cli(
+    out: str,
+    *,
+    hardware: tuple[str, ...] = ("v100", "a100", "h100"),
+    gpus: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+    crs: tuple[int, ...] = (1, 2, 4),
+    num_sparse: int = Workload.num_sparse,
+    embedding_dim: int = Workload.embedding_dim,
+    pooling: float = Workload.pooling,
+    batch_size: int = Workload.batch_per_gpu,
+    alpha_cross_us: float | None = None,
+    alpha_intra_us: float | None = None,
+    calibrate: list[str] | None = None,
+) -> dict[str, Any]:
+    """``dmtrec simulate``: ``run_simulate`` with the workload's main sizes as options."""
+    if not crs or min(crs) < 1:
+        raise ConfigError(f"--crs must be integers >= 1, got {list(crs)}")
+    return run_simulate(
+        out,
+        hardware=list(hardware),
+        gpus=list(gpus),
+        crs=list(crs),
+        workload=Workload(
+            num_sparse=num_sparse,
+            embedding_dim=embedding_dim,
+            pooling=pooling,
+            batch_per_gpu=batch_size,
+        ),
+        calibration=calibrate,
+        alpha_cross_us=alpha_cross_us,
+        alpha_intra_us=alpha_intra_us,
+    )

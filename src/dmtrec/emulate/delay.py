@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from dmtrec.parallel.comm import intercept
+from dmtrec.observe.comm import intercept
 from dmtrec.parallel.topology import Topology
 
 

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -17,6 +17,7 @@ from dmtrec.models.dlrm import DLRMHead
 from dmtrec.models.dmt import MultiTower
 from dmtrec.models.fwfm import FwFMHead
 from dmtrec.models.wukong import WukongHead
+from dmtrec.options import option
 
 MODELS = ("dlrm", "dcn", "fwfm", "wukong")
 
@@ -25,21 +26,31 @@ MODELS = ("dlrm", "dcn", "fwfm", "wukong")
 class ModelConfig:
     """Architecture options shared by the CLI, the trainer and the distributed wrappers."""
 
-    model: str = "dlrm"
-    embedding_dim: int = 16
-    bottom: list[int] = field(default_factory=lambda: [64, 32])
-    top: list[int] = field(default_factory=lambda: [64, 32])
-    cross_layers: int = 3
-    cross_rank: int = 16
-    towers: list[list[str]] | None = None  # None: the flat model (unless num_towers > 0)
-    num_towers: int = 0  # with ``partition``: computed from the data's features
-    partition: str = "sequential"
-    tm: str = "identity"
-    cr: int = 1
-    wukong_layers: int = 2
-    wukong_nf: int = 8
-    wukong_nl: int = 8
-    wukong_rank: int = 8
+    model: str = option("dlrm", "model family", choices=MODELS)
+    embedding_dim: int = option(16, "embedding dimension D of every table", minimum=1)
+    bottom: list[int] = option(
+        factory=lambda: [64, 32], help="bottom (dense-feature) MLP sizes, comma-separated"
+    )
+    top: list[int] = option(
+        factory=lambda: [64, 32], help="top MLP sizes before the logit, comma-separated"
+    )
+    cross_layers: int = option(3, "dcn: cross layers", minimum=1)
+    cross_rank: int = option(16, "dcn: rank of the low-rank cross layers", minimum=1)
+    towers: list[list[str]] | None = option(None, "towers (set from --towers)", cli=False)
+    num_towers: int = option(0, "K towers (set from --towers)", cli=False)
+    partition: str = option(
+        "sequential",
+        "how --towers K groups the features",
+        choices=("sequential", "random", "planted", "learned"),
+    )
+    tm: str = option("identity", "tower module", choices=("identity", "dlrm", "dcn", "wukong"))
+    cr: int = option(
+        1, "tower compression ratio: a tower of m features sends ceil(m/CR)", minimum=1
+    )
+    wukong_layers: int = option(2, "wukong: stacked layers l", minimum=1)
+    wukong_nf: int = option(8, "wukong: FM-block outputs nF", minimum=1)
+    wukong_nl: int = option(8, "wukong: linear-compression outputs nL", minimum=0)
+    wukong_rank: int = option(8, "wukong: optimized-FM rank k", minimum=1)
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -79,10 +90,14 @@ def make_head(cfg: ModelConfig, spec: FeatureSpec, num_sparse: int) -> nn.Module
     )
 
 
-def build_model(cfg: ModelConfig, spec: FeatureSpec, device: str = "cpu") -> nn.Module:
-    """Flat model when ``cfg.towers`` is None, else the multi-tower model (DMT reference)."""
+def build_model(cfg: ModelConfig, spec: FeatureSpec, table_device: str = "cpu") -> nn.Module:
+    """Flat model when ``cfg.towers`` is None, else the multi-tower model (DMT reference).
+
+    ``table_device="meta"`` declares the embedding tables without allocating them: the
+    distributed build (``parallel/build.py``) materialises only each rank's shards.
+    """
     cfg.validate()
-    ebc = make_ebc(spec.table_sizes, cfg.embedding_dim, spec.sparse, device=device)
+    ebc = make_ebc(spec.table_sizes, cfg.embedding_dim, spec.sparse, device=table_device)
     if cfg.towers is None:
         return FlatModel(ebc, make_head(cfg, spec, len(spec.sparse)), spec.sparse)
     return MultiTower(

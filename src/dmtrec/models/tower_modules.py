@@ -1,7 +1,7 @@
 """Tower modules (TM): per-tower dense nets that compress a tower before it crosses hosts.
 
-A TM maps the tower's m pooled embeddings (B x m x D) to n = m / CR "virtual features"
-(B x n x D), so the global interaction still sees D-dim vectors while the cross-host exchange
+A TM maps the tower's m pooled embeddings (B x m x D) to n = ceil(m / CR) "virtual features"
+(B x n x D; any CR >= 1 up to m), so the global interaction still sees D-dim vectors while the cross-host exchange
 carries CR times fewer bytes. Each non-identity TM adds an interaction order inside the tower
 (the hierarchical interaction of DMT: inside towers first, then across them). ``wukong``
 (beyond the paper) is one Wukong layer (FM block + linear compression) per tower.
@@ -17,7 +17,11 @@ from dmtrec.errors import ConfigError
 from dmtrec.models.wukong import WukongTM
 
 TM_KINDS = ("identity", "dlrm", "dcn", "wukong")
-CRS = (1, 2, 4, 8, 16)
+
+
+def virtual_features(num_features: int, cr: int) -> int:
+    """Outputs of a TM over ``num_features`` at compression ``cr``: ceil(m / CR)."""
+    return -(-num_features // cr)
 
 
 class IdentityTM(nn.Module):
@@ -81,20 +85,20 @@ def make_tower_module(kind: str, num_features: int, embedding_dim: int, cr: int)
     """Build a TM; errors name the option that is wrong (``--tm``, ``--cr``)."""
     if kind not in TM_KINDS:
         raise ConfigError(f"--tm: unknown tower module {kind!r}; choose from {', '.join(TM_KINDS)}")
-    if cr not in CRS:
-        raise ConfigError(f"--cr must be one of {', '.join(map(str, CRS))}, not {cr}")
+    if cr < 1:
+        raise ConfigError(f"--cr must be >= 1, not {cr}")
     if kind == "identity":
         if cr != 1:
             raise ConfigError(
                 f"--cr {cr}: the identity tower module does not compress (use --cr 1)"
             )
         return IdentityTM(num_features, embedding_dim)
-    if num_features % cr:
+    if cr > num_features:
         raise ConfigError(
-            f"--cr {cr} does not divide the tower width ({num_features} features): a tower of m "
-            f"features yields m/CR virtual features"
+            f"--cr {cr} is larger than a tower of {num_features} features: a tower of m features "
+            f"yields ceil(m/CR) >= 1 virtual features, so CR <= m"
         )
-    n = num_features // cr
+    n = virtual_features(num_features, cr)
     if kind == "dlrm":
         return DotTM(num_features, embedding_dim, n)
     if kind == "wukong":

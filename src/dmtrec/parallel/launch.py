@@ -32,8 +32,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def gpu_per_rank() -> bool:
+    """True when this host has a GPU for each of its local ranks (then: NCCL, one GPU a rank).
+
+    Several emulated ranks on one GPU would share it and NCCL refuses two ranks on one
+    device, so such runs stay on CPU/gloo; ``DMTREC_BACKEND=nccl`` forces NCCL (and fails
+    clearly where it cannot work).
+    """
+    return torch.cuda.is_available() and torch.cuda.device_count() >= _local_world_size()
+
+
 def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """``nccl`` or ``gloo`` (``DMTREC_BACKEND`` overrides), consistent with ``rank_device``."""
+    forced = os.environ.get("DMTREC_BACKEND")
+    if forced is not None:
+        if forced not in ("nccl", "gloo"):
+            raise DmtrecError(f"DMTREC_BACKEND must be nccl or gloo, not {forced!r}")
+        if forced == "nccl" and not gpu_per_rank():
+            raise DmtrecError(
+                f"DMTREC_BACKEND=nccl needs one GPU per local rank: {_local_world_size()} local "
+                f"ranks, {torch.cuda.device_count() if torch.cuda.is_available() else 0} GPUs"
+            )
+        return forced
+    return "nccl" if gpu_per_rank() else "gloo"
+
+
+def rank_device() -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` on the NCCL path (and made current),
+    else the CPU. Every batch, buffer and collective tensor of the rank lives there."""
+    if backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); read timers after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def init_local(rank: int, world_size: int, port: int, local_world_size: int) -> None:
@@ -70,8 +111,7 @@ def quiet_libraries() -> None:
 
 def init_from_env() -> None:
     """Join the process group torchrun describes (env://): NCCL with CUDA, else gloo."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank_device()  # makes the rank's GPU current before NCCL sees it
     dist.init_process_group(backend(), init_method="env://", timeout=TIMEOUT)
 
 
@@ -165,111 +205,3 @@ def run_single(fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
         dist.destroy_process_group()
         os.environ.clear()  # init_local's RANK/WORLD_SIZE would look like a torchrun launch
         os.environ.update(saved)
-
-
-def spawn_in_hosts(fn: Callable, args: tuple, hosts, ranks_per_host: int) -> list[Any]:
-    """Like ``spawn``, but each rank runs inside its emulated host's network namespace.
-
-    ``hosts`` is an entered ``netem.EmulatedHosts``. Ranks are started with ``ip netns exec``;
-    rendezvous is at host 0's address; gloo binds to the host's veth (``GLOO_SOCKET_IFNAME``).
-    """
-    import pickle
-    import subprocess
-    import sys
-    import tempfile
-
-    world = hosts.hosts * ranks_per_host
-    port = 29400 + os.getpid() % 1000
-    with tempfile.TemporaryDirectory(prefix="dmtrec-netns-") as tmp:
-        job = os.path.join(tmp, "job.pkl")
-        with open(job, "wb") as f:
-            pickle.dump((fn, args), f)
-        procs = []
-        for rank in range(world):
-            h = rank // ranks_per_host
-            env = dict(
-                os.environ,
-                MASTER_ADDR=hosts.addresses[0],
-                MASTER_PORT=str(port),
-                RANK=str(rank),
-                WORLD_SIZE=str(world),
-                LOCAL_RANK=str(rank % ranks_per_host),
-                LOCAL_WORLD_SIZE=str(ranks_per_host),
-                GLOO_SOCKET_IFNAME=hosts.ifnames[h],
-            )
-            cmd = [
-                "ip",
-                "netns",
-                "exec",
-                hosts.namespaces[h],
-                sys.executable,
-                "-m",
-                "dmtrec.parallel.launch",
-                job,
-                tmp,
-            ]
-            procs.append(subprocess.Popen(cmd, env=env))
-        deadline = time.monotonic() + TIMEOUT.total_seconds() * 2
-        try:
-            while any(p.poll() is None for p in procs):
-                failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-                if failed or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            outcomes: list[tuple[str, Any] | None] = []
-            for rank in range(world):
-                out = os.path.join(tmp, f"rank{rank}.pkl")
-                if os.path.exists(out):
-                    with open(out, "rb") as f:
-                        outcomes.append(pickle.load(f))
-                else:
-                    outcomes.append(None)
-            # report the first rank that failed by itself, not one left waiting for it
-            for rank, o in enumerate(outcomes):
-                if o is not None and o[0] != "ok":
-                    _result(rank, *o)
-            for rank, o in enumerate(outcomes):
-                if o is None:
-                    code = procs[rank].poll()
-                    ns = hosts.namespaces[rank // ranks_per_host]
-                    raise RuntimeError(f"rank {rank} in {ns} ended without a result (exit {code})")
-            results = [_result(rank, *o) for rank, o in enumerate(outcomes)]
-            return results
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-
-
-def _netns_main(job: str, out_dir: str) -> None:
-    """Entry of a rank started by ``spawn_in_hosts`` (``python -m dmtrec.parallel.launch``)."""
-    import pickle
-
-    rank = int(os.environ["RANK"])
-
-    def load_and_run() -> Any:
-        with open(job, "rb") as f:
-            fn, args = pickle.load(f)
-        return fn(*args)
-
-    def init() -> None:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-            rank=rank,
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=TIMEOUT,
-        )
-
-    status, payload = run_rank(rank, init, load_and_run, ())
-    tmp = os.path.join(out_dir, f"rank{rank}.pkl.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((status, payload), f)
-    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pkl"))
-
-
-if __name__ == "__main__":
-    import sys
-
-    _netns_main(sys.argv[1], sys.argv[2])

@@ -23,7 +23,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from dmtrec.errors import ConfigError
-from dmtrec.parallel.comm import count_ddp
+from dmtrec.observe.comm import count_ddp
 
 SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE,
@@ -54,13 +54,6 @@ class CountingDataParallelWrapper(DefaultDataParallelWrapper):
             count_ddp(dmp._dmp_wrapped_module)
 
 
-def device_for_rank(local_rank: int) -> torch.device:
-    """The rank's accelerator when there is one (NCCL path), else the CPU (gloo path)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def add_fused_embedding_optimizer(ebc: nn.Module, name: str, lr: float) -> None:
     """Attach the sparse optimizer TorchRec fuses into the TBE backward (applied in backward).
 
@@ -82,10 +75,14 @@ def shard(
     sharding_type: str,
     device: torch.device,
     ranks_per_host: int,
+    count_comm: bool = False,
 ) -> DistributedModelParallel:
     """Shard every EBC in ``module`` over ``group`` with one sharding type; DDP the rest.
 
     ``ebcs`` lists the EBCs inside ``module``, whose tables all get ``sharding_type``.
+    ``count_comm`` routes DDP's gradient all-reduce through Python so that
+    ``observe.comm.CommCounter`` sees it (measured runs only: it replaces DDP's C++ reducer
+    call with a hook).
     """
     if sharding_type not in SHARDING_TYPES:
         raise ConfigError(
@@ -118,7 +115,9 @@ def shard(
         device=device,
         plan=plan,
         sharders=[sharder],
-        data_parallel_wrapper=CountingDataParallelWrapper(),
+        data_parallel_wrapper=(
+            CountingDataParallelWrapper() if count_comm else DefaultDataParallelWrapper()
+        ),
     )
 
 

@@ -29,9 +29,9 @@ from torchrec.distributed.dist_data import KJTAllToAll
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dmtrec.errors import ConfigError
-from dmtrec.models.common import make_ebc, stack_pooled, table_sizes, table_weights
+from dmtrec.models.common import make_ebc, stack_pooled, table_sizes
 from dmtrec.models.dmt import MultiTower
-from dmtrec.parallel.comm import count_ddp
+from dmtrec.observe.comm import count_ddp
 from dmtrec.parallel.sharding import add_fused_embedding_optimizer, copy_table_weights, shard
 from dmtrec.parallel.topology import ProcessGroups
 
@@ -117,7 +117,13 @@ class SPTT(nn.Module):
         sharding_type: str = "table_wise",
         sparse_optimizer: str = "rowwise_adagrad",
         sparse_lr: float = 0.1,
+        weights: dict[str, torch.Tensor] | None = None,
+        count_comm: bool = False,
     ) -> None:
+        """``model``'s tables may live on the ``meta`` device: SPTT builds and shards its own
+        host tables; ``weights`` (``<table>.weight`` -> full table) loads given values into
+        them (tests start from a reference model), else TorchRec initialises them sharded.
+        ``count_comm`` makes DDP's all-reduces visible to ``observe.comm.CommCounter``."""
         super().__init__()
         topo = groups.topology
         self.groups = groups
@@ -136,12 +142,13 @@ class SPTT(nn.Module):
         self.id_dist = KJTAllToAll(groups.peer, [len(fs) for fs in host_features])
         # 2. this host's tables, sharded over its ranks, starting from the reference weights
         self.dim = dim = model.ebc.embedding_bag_configs()[0].embedding_dim
-        ebc = make_ebc(sizes, dim, host_features[self.host])
+        ebc = make_ebc(sizes, dim, host_features[self.host], device="meta")
         add_fused_embedding_optimizer(ebc, sparse_optimizer, sparse_lr)
         self.host_sparse = shard(
-            ebc, [ebc], groups.intra, sharding_type, device, topo.ranks_per_host
+            ebc, [ebc], groups.intra, sharding_type, device, topo.ranks_per_host, count_comm
         )
-        copy_table_weights(self.host_sparse, table_weights(model))
+        if weights is not None:
+            copy_table_weights(self.host_sparse, weights)
         # 3. this host's tower modules, replicated in the host
         mine = host_towers[self.host]
         towers_mod = HostTowers(
@@ -151,7 +158,8 @@ class SPTT(nn.Module):
             towers_mod = DistributedDataParallel(
                 towers_mod, process_group=groups.intra, broadcast_buffers=False
             )
-            count_ddp(towers_mod)
+            if count_comm:
+                count_ddp(towers_mod)
         self.host_towers = towers_mod
         # 4. widths (numbers per sample) each host returns; reorder host-major -> tower order
         outs = [model.tower_modules[k].num_outputs for k in range(len(towers))]
@@ -175,7 +183,8 @@ class SPTT(nn.Module):
         self.head = DistributedDataParallel(
             head, process_group=groups.world, broadcast_buffers=False
         )
-        count_ddp(self.head)
+        if count_comm:
+            count_ddp(self.head)
 
     @property
     def fused_optimizer(self):

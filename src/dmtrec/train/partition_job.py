@@ -18,14 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from dmtrec.data import DataConfig, load_data
 from dmtrec.errors import ConfigError
-from dmtrec.models import ModelConfig, build_model
-from dmtrec.parallel.sharding import dense_and_fused_optimizer
-from dmtrec.parallel.topology import Topology
+from dmtrec.models import ModelConfig
+from dmtrec.options import option
+from dmtrec.parallel.build import build
 from dmtrec.partition import random as random_partition
 from dmtrec.partition import sequential
 from dmtrec.partition.learned import (
@@ -36,7 +34,8 @@ from dmtrec.partition.learned import (
     learned_partition,
 )
 from dmtrec.train.interactions import PROBE_MODEL, interaction_matrix
-from dmtrec.train.trainer import TrainConfig, wrap_model
+from dmtrec.train.step import train_step
+from dmtrec.train.trainer import TrainConfig
 
 METHODS = ("learned", "sequential", "random")
 COSTS = ("count", "lookup", "memory", "both")
@@ -46,17 +45,29 @@ COSTS = ("count", "lookup", "memory", "both")
 class PartitionConfig:
     """Options of ``dmtrec partition`` (and of ``train --partition learned``)."""
 
-    towers: int = 4
-    method: str = "learned"
-    interaction: str = "fwfm"
-    cost: str = "count"
-    tolerance: float | None = None  # None: 0.05, or the least a count split allows
-    host_memory: float | None = None  # bytes per tower/host
-    embed_dim: int | None = None
-    probe_steps: int = 2000
-    batch_size: int = 256
-    embedding_dim: int = 16
-    seed: int = 0
+    towers: int = option(4, "number of towers K", minimum=1)
+    method: str = option("learned", "how to partition", choices=METHODS)
+    interaction: str = option(
+        "fwfm",
+        "learned: the interaction measure S",
+        choices=("fwfm", "mixed", "dot", "attribution"),
+    )
+    cost: str = option(
+        "count", "learned: what towers balance", flag="partition-cost", choices=COSTS
+    )
+    tolerance: float | None = option(
+        None, "learned: max tower cost / mean - 1 (none: 0.05, or the least a count split allows)",
+        flag="imbalance-tolerance", minimum=0,
+    )  # fmt: skip
+    host_memory: float | None = option(None, "learned: bytes of tables a tower may hold", minimum=0)
+    embed_dim: int | None = option(
+        None, "learned: spectral embedding dim (none: K)", flag="spectral-dim",
+        aliases=("embed-dim",), minimum=1,
+    )  # fmt: skip
+    probe_steps: int = option(2000, "learned: training steps of the flat probe model", minimum=1)
+    batch_size: int = option(256, "learned: probe batch size", cli=False)
+    embedding_dim: int = option(16, "learned: probe embedding dim", cli=False)
+    seed: int = option(0, "seed (the CLI's --seed)", cli=False)
 
 
 def _costs(cfg: PartitionConfig, rows: np.ndarray, pooling: np.ndarray) -> np.ndarray:
@@ -148,27 +159,23 @@ def _probe_interactions(data, dcfg: DataConfig, cfg: PartitionConfig, batches: l
             f"--interaction: unknown {cfg.interaction!r}; choose from {', '.join(PROBE_MODEL)}"
         )
     mcfg = ModelConfig(model=PROBE_MODEL[cfg.interaction], embedding_dim=cfg.embedding_dim)
-    tcfg = TrainConfig(batch_size=cfg.batch_size, lr=3e-3, sparse_lr=0.2, progress=False)
-    model = build_model(mcfg, data.spec)
-    wrapped = wrap_model(model, mcfg, tcfg, Topology(1, dist.get_world_size()))
-    opt = dense_and_fused_optimizer(wrapped, [wrapped.fused_optimizer], "adam", tcfg.lr)
+    tcfg = TrainConfig(
+        batch_size=cfg.batch_size, lr=3e-3, sparse_lr=0.2, seed=cfg.seed, progress=False
+    )
+    built = build(data.spec, mcfg, tcfg)
     step, epoch = 0, 0
     while step < cfg.probe_steps:
         seen = False
         for batch in data.batches("train", cfg.batch_size, epoch=epoch):
             seen = True
-            loss = F.binary_cross_entropy_with_logits(
-                wrapped(batch.dense_features, batch.sparse_features), batch.labels
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_step(built.model, built.optimizer, batch.to(built.device))
             step += 1
             if step >= cfg.probe_steps:
                 break
         if not seen:
             raise ConfigError("no training rows to probe feature interactions with")
         epoch += 1
+    wrapped = built.model
     return interaction_matrix(wrapped, batches, cfg.interaction)
 
 

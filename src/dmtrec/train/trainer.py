@@ -1,22 +1,21 @@
-"""The training loop, one code path for every parallel mode.
+"""The training loop, one code path for every parallel mode (``parallel/build.py`` builds the
+model, ``train/step.py`` runs each step).
 
-``parallel``:
-- ``none``: one process; the model's tables still go through TorchRec's fused TBE kernels
-  (``DistributedModelParallel`` on a one-rank group), ~6.7x faster on CPU than a plain EBC;
-- ``baseline``: TorchRec hybrid parallelism over all N ranks (tables sharded table- or
-  row-wise over the world, dense part DDP) -- the paper's comparison point;
-- ``dmt``: SPTT (``dmtrec.parallel.sptt``) with the towers and tower modules of the model.
-
-Optimizers: Adam (or SGD) on dense parameters, row-wise Adagrad (or SGD) fused into the
-embedding backward. ``--batch-size`` is per rank (TorchRec's convention): a step consumes
-``batch_size * world_size`` examples. Checkpoints hold model, optimizer state and the data
-position, so ``resume`` continues bit-exactly.
+``--batch-size`` is per rank (TorchRec's convention): a step consumes ``batch_size *
+world_size`` examples. Validation runs every epoch (and every ``eval_every`` steps); with
+``early_stop_patience`` the run stops once the monitored metric has not improved for that many
+evaluations, and the best state is restored before the test evaluation, so reported test
+metrics are those of the best validation point, never of an overfit last epoch. Checkpoints
+hold model, optimizer state and the data position, so ``resume`` continues bit-exactly.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,87 +23,125 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from dmtrec.data import DataConfig, load_data, shard_rows
-from dmtrec.errors import ConfigError
-from dmtrec.models import ModelConfig, build_model
-from dmtrec.models.common import table_weights
-from dmtrec.parallel.comm import CommCounter
-from dmtrec.parallel.sharding import (
-    add_fused_embedding_optimizer,
-    copy_table_weights,
-    dense_and_fused_optimizer,
-    device_for_rank,
-    shard,
-)
-from dmtrec.parallel.sptt import SPTT
-from dmtrec.parallel.topology import Topology, make_process_groups
-from dmtrec.partition import make_partition
+from dmtrec.errors import ConfigError, DataError
+from dmtrec.models import ModelConfig
+from dmtrec.observe.comm import CommCounter
+from dmtrec.options import option
+from dmtrec.parallel.build import PARALLEL, Built, build
+from dmtrec.parallel.launch import synchronize
+from dmtrec.parallel.sharding import SHARDING_TYPES
 from dmtrec.train.metrics import quality
+from dmtrec.train.step import train_step
 
-PARALLEL = ("none", "baseline", "dmt")
+MONITORS = ("auc", "logloss")
 
 
 @dataclass
 class TrainConfig:
     """Optimization, schedule, parallelism and output options."""
 
-    epochs: int = 1
-    batch_size: int = 256  # per rank
-    lr: float = 1e-3  # dense optimizer
-    sparse_lr: float = 0.05  # fused embedding optimizer
-    dense_optimizer: str = "adam"
-    sparse_optimizer: str = "rowwise_adagrad"
-    eval_batch_size: int = 2048  # per rank
-    seed: int = 0
-    max_steps: int = 0  # 0: no limit
-    checkpoint_every: int = 0  # steps; 0: never
-    resume: bool = False
-    out: str = "runs/train"
-    log_every: int = 50
-    parallel: str = "none"
-    hosts: int = 1
-    ranks_per_host: int = 1
-    sharding: str = "table_wise"
-    progress: bool = True
+    epochs: int = option(1, "passes over the training data", minimum=1)
+    batch_size: int = option(
+        256, "examples per step per rank (global batch = this x ranks)", minimum=1
+    )
+    lr: float = option(1e-3, "dense optimizer learning rate", minimum=0)
+    sparse_lr: float = option(0.05, "embedding (fused optimizer) learning rate", minimum=0)
+    dense_optimizer: str = option(
+        "adam", "optimizer of the dense parameters", choices=("adam", "sgd")
+    )
+    sparse_optimizer: str = option(
+        "rowwise_adagrad",
+        "optimizer fused into the embedding backward",
+        choices=("rowwise_adagrad", "sgd"),
+    )
+    eval_batch_size: int = option(2048, "examples per evaluation batch per rank", minimum=1)
+    eval_every: int = option(0, "also evaluate valid every N steps (0: once per epoch)", minimum=0)
+    monitor: str = option(
+        "auc", "validation metric for best state / early stopping", choices=MONITORS
+    )
+    early_stop_patience: int = option(
+        0, "stop after N evaluations without improvement (0: never stop early)", minimum=0
+    )
+    seed: int = option(0, "seed of the initialisation and the data order (and synthetic data)")
+    max_steps: int = option(0, "stop after N steps (0: no limit)", minimum=0)
+    checkpoint_every: int = option(
+        0, "write a checkpoint every N steps (0: only at the end)", minimum=0
+    )
+    resume: bool = option(False, "continue from the checkpoint in --out")
+    out: str = option("runs/train", "output directory (metrics.json, checkpoints, tb/)")
+    log_every: int = option(50, "TensorBoard loss every N steps (0: no TensorBoard)", minimum=0)
+    threads: int = option(0, "intra-op threads per process (0: cores / processes)", minimum=0)
+    count_comm: bool = option(False, "count bytes per collective and link (bench-style accounting)")
+    parallel: str = option(
+        "none", "none | baseline (TorchRec hybrid) | dmt (SPTT)", choices=PARALLEL
+    )
+    hosts: int = option(
+        1, "hosts H (emulated locally; under torchrun from the environment)", minimum=1
+    )
+    ranks_per_host: int = option(1, "ranks per host L", minimum=1)
+    sharding: str = option(
+        "table_wise", "table sharding (dmt: inside each host)", choices=tuple(SHARDING_TYPES)
+    )
+    progress: bool = option(True, "progress bar (shown only when stderr is a terminal)")
 
     def validate(self) -> None:
+        """Checks that need more than one field (single fields are checked by the CLI)."""
+        for name in ("lr", "sparse_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number > 0, got {v}"
+                )
+        for name in ("epochs", "batch_size", "eval_batch_size", "hosts", "ranks_per_host"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.parallel not in PARALLEL:
             raise ConfigError(
                 f"--parallel: unknown {self.parallel!r}; choose from {', '.join(PARALLEL)}"
             )
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0 or self.sparse_lr <= 0:
-            raise ConfigError("--lr and --sparse-lr must be > 0")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"--monitor: unknown {self.monitor!r}; choose from auc, logloss")
+        if self.early_stop_patience < 0:
+            raise ConfigError("--early-stop-patience must be >= 0")
         if self.parallel == "none" and self.hosts * self.ranks_per_host != 1:
             raise ConfigError("--hosts/--ranks-per-host need --parallel baseline or dmt")
 
 
-def wrap_model(model: torch.nn.Module, mcfg: ModelConfig, tcfg: TrainConfig, topo: Topology):
-    """The model under its parallel mode, starting from the reference model's weights."""
-    device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
-    if tcfg.parallel == "dmt":
-        if mcfg.towers is None:
-            raise ConfigError("--parallel dmt needs --towers")
-        return SPTT(
-            model,
-            make_process_groups(topo),
-            device,
-            tcfg.sharding,
-            tcfg.sparse_optimizer,
-            tcfg.sparse_lr,
-        )
-    weights = table_weights(model)
-    add_fused_embedding_optimizer(model.ebc, tcfg.sparse_optimizer, tcfg.sparse_lr)
-    wrapped = shard(
-        model, [model.ebc], dist.group.WORLD, tcfg.sharding, device, topo.ranks_per_host
-    )
-    copy_table_weights(wrapped, weights)
-    return wrapped
+class EarlyStopping:
+    """Tracks the best value of a monitored metric and when to stop.
+
+    ``update`` returns True when the value is a new best (strictly better); after
+    ``patience`` consecutive non-improving updates ``should_stop`` is True (never with 0).
+    """
+
+    def __init__(self, monitor: str, patience: int) -> None:
+        self.sign = 1.0 if monitor == "auc" else -1.0  # auc: higher is better; logloss: lower
+        self.patience = patience
+        self.best: float | None = None
+        self.bad = 0
+
+    def update(self, value: float) -> bool:
+        if not math.isfinite(value):
+            improved = False
+        else:
+            improved = self.best is None or self.sign * (value - self.best) > 0
+        if improved:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
+def local_batches(data, split: str, global_batch: int, rank: int, world: int, epoch: int = 0):
+    """This rank's slice of each global batch of ``split`` (same global order on any world)."""
+    return shard_rows(data.batches(split, global_batch, epoch=epoch), rank, world)
 
 
 def _checkpoint_dir(out: str) -> Path:
@@ -120,49 +157,53 @@ def _save(out: str, rank: int, state: dict[str, Any]) -> None:
     os.replace(tmp, d / f"rank{rank}.pt")
 
 
-def _snapshot(wrapped, optimizer, state: dict[str, Any]) -> dict[str, Any]:
+def _snapshot(built: Built, state: dict[str, Any]) -> dict[str, Any]:
     return {
-        "model": wrapped.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": built.model.state_dict(),
+        "optimizer": built.optimizer.state_dict(),
         "rng": torch.get_rng_state(),
-        "state": {**state, "losses": list(state["losses"])},
+        "state": {**state, "losses": list(state["losses"]), "history": list(state["history"])},
     }
 
 
-def setup_model(dcfg: DataConfig, mcfg: ModelConfig, seed: int):
-    """The data and the seeded reference model (towers resolved): every rank builds the same."""
-    torch.manual_seed(seed)
-    data = load_data(dcfg)
-    if mcfg.towers is None and mcfg.num_towers:
-        mcfg.towers = make_partition(
-            mcfg.partition, data.spec.sparse, mcfg.num_towers, data.spec.groups, seed
-        )
-    return data, build_model(mcfg, data.spec)
+def set_threads(tcfg: TrainConfig, processes: int) -> int:
+    """Intra-op threads of this process: ``--threads``, else cores / processes (>= 1).
+
+    More threads than cores per process (e.g. torch's default on a loaded box) ran 10-40x
+    slower here with identical numbers, spending half the time in the kernel.
+    """
+    n = tcfg.threads or max(1, (os.cpu_count() or 1) // max(processes, 1))
+    torch.set_num_threads(n)
+    return n
 
 
 def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
     """Train and evaluate on this rank (inside a process group); rank 0 returns the metrics."""
     tcfg.validate()
     rank, world = dist.get_rank(), dist.get_world_size()
-    topo = Topology(tcfg.hosts, tcfg.ranks_per_host)
-    if topo.world_size != world:
-        raise ConfigError(f"--hosts x --ranks-per-host = {topo.world_size} != world size {world}")
-    data, model = setup_model(dcfg, mcfg, tcfg.seed)
-    counter = CommCounter(topo, rank)
-    with counter.install():
-        wrapped = wrap_model(model, mcfg, tcfg, topo)
-        optimizer = dense_and_fused_optimizer(
-            wrapped, [wrapped.fused_optimizer], tcfg.dense_optimizer, tcfg.lr
-        )
-        result = _loop(data, wrapped, optimizer, counter, tcfg, rank, world)
-        comm = counter.totals(result.pop("steps_timed"))
+    threads = set_threads(tcfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    data = load_data(dcfg)
+    if not {"valid", "test"} & set(data.splits):
+        raise ConfigError("no --valid or --test data to evaluate on")
+    built = build(data.spec, mcfg, tcfg, count_comm=tcfg.count_comm)
+    counter = CommCounter(built.topology, rank) if tcfg.count_comm else None
+    if counter is not None:
+        with counter.install():
+            result = _Loop(data, built, counter, tcfg, rank, world).run()
+            comm = counter.totals(result.pop("steps_timed"))
+    else:
+        result = _Loop(data, built, None, tcfg, rank, world).run()
+        result.pop("steps_timed")
+        comm = None
     if rank != 0:
         return {}
+    topo = built.topology
     result.update(
         model=mcfg.model,
         parallel=tcfg.parallel,
         hosts=topo.hosts,
         ranks_per_host=topo.ranks_per_host,
+        threads=threads,
         towers=mcfg.towers,
         tm=mcfg.tm if mcfg.towers else None,
         cr=mcfg.cr if mcfg.towers else None,
@@ -170,122 +211,200 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         skipped_rows=sum(s.skipped for s in data.stats.values()),
         config={"model": asdict(mcfg), "train": asdict(tcfg)},
     )
-    if world > 1:
+    if comm is not None:
         result["comm"] = comm
     if hasattr(data, "oracle_auc"):
         result["oracle_auc"] = data.oracle_auc(result["eval_split"])
     return result
 
 
-def _loop(data, wrapped, optimizer, counter: CommCounter, tcfg: TrainConfig, rank: int, world: int):
-    global_bs = tcfg.batch_size * world
-    device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
-    state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "losses": []}
-    ckpt = _checkpoint_dir(tcfg.out) / f"rank{rank}.pt"
-    if tcfg.resume:
+class _Loop:
+    """Epochs of steps with periodic validation, early stopping, checkpoints and progress."""
+
+    def __init__(
+        self,
+        data,
+        built: Built,
+        counter: CommCounter | None,
+        tcfg: TrainConfig,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.data, self.built, self.counter, self.tcfg = data, built, counter, tcfg
+        self.rank, self.world = rank, world
+        self.model, self.optimizer, self.device = built.model, built.optimizer, built.device
+        self.state: dict[str, Any] = {
+            "epoch": 0, "step_in_epoch": 0, "step": 0, "losses": [], "history": [],
+            "best": None, "best_epoch": None, "best_step": None, "bad_evals": 0,
+        }  # fmt: skip
+        self.stopper = EarlyStopping(tcfg.monitor, tcfg.early_stop_patience)
+        self.best_blob: bytes | None = None
+        self.writer = None
+        self.has_valid = "valid" in data.splits
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = _checkpoint_dir(self.tcfg.out) / f"rank{self.rank}.pt"
         if not ckpt.exists():
             raise ConfigError(f"--resume: no checkpoint at {ckpt}")
         saved = torch.load(ckpt, weights_only=False)
-        for _, opt in optimizer.optimizers:
+        for _, opt in self.optimizer.optimizers:
             if isinstance(opt, KeyedOptimizerWrapper):
                 opt.init_state()  # Adam's state is lazy; loading fills it in place
-        optimizer.zero_grad(set_to_none=True)
-        wrapped.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
-        state = saved["state"]
-    writer = None
-    if rank == 0 and tcfg.log_every:
-        from torch.utils.tensorboard import SummaryWriter
+        self.state.update(saved["state"])
+        self.stopper.best, self.stopper.bad = self.state["best"], self.state["bad_evals"]
 
-        writer = SummaryWriter(str(Path(tcfg.out) / "tb"))
-    bar = None
-    if rank == 0 and tcfg.progress:
-        from tqdm import tqdm
+    # -- evaluation -------------------------------------------------------------------------
+    def _validate(self, epoch: int) -> None:
+        """Evaluate valid, log one line, remember the best state (in memory)."""
+        m = evaluate(self.data, self.model, "valid", self.tcfg.eval_batch_size, self.rank,
+                     self.world, self.device)  # fmt: skip
+        st = self.state
+        improved = self.stopper.update(m[self.tcfg.monitor])
+        st["bad_evals"] = self.stopper.bad
+        st["history"].append({"epoch": epoch, "step": st["step"], **m, "best": improved})
+        if improved:
+            st["best"], st["best_epoch"], st["best_step"] = self.stopper.best, epoch, st["step"]
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            self.best_blob = buf.getvalue()
+        if self.rank == 0:
+            mark = " *" if improved else ""
+            print(
+                f"[eval] epoch {epoch} step {st['step']}: valid auc={m['auc']:.4f} "
+                f"logloss={m['logloss']:.4f} ne={m['ne']:.4f}{mark}",
+                flush=True,
+            )
+            if self.writer is not None:
+                for k in ("auc", "logloss", "ne"):
+                    self.writer.add_scalar(f"valid/{k}", m[k], st["step"])
 
-        bar = tqdm(desc="train", unit="step", initial=state["step"], leave=False)
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        tcfg, st = self.tcfg, self.state
+        if tcfg.resume:
+            self._resume()
+        if self.rank == 0 and tcfg.log_every:
+            from torch.utils.tensorboard import SummaryWriter
 
-    counter.reset()
-    steps_timed, examples, train_s = 0, 0, 0.0
-    done = False
-    for epoch in range(state["epoch"], tcfg.epochs):
-        batches = shard_rows(data.batches("train", global_bs, epoch=epoch), rank, world)
-        for i, batch in enumerate(batches):
-            if i < state["step_in_epoch"]:
-                continue  # resume: skip what the checkpoint already trained on
-            batch = batch.to(device)
-            t0 = time.perf_counter()
-            counter.phase = "forward"
-            logits = wrapped(batch.dense_features, batch.sparse_features)
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            optimizer.zero_grad()
-            counter.phase = "backward"
-            loss.backward()
-            optimizer.step()
-            train_s += time.perf_counter() - t0
-            steps_timed += 1
-            examples += int(batch.labels.numel()) * world
-            state["step"] += 1
-            state["step_in_epoch"] = i + 1
-            state["losses"].append(float(loss))
-            if writer is not None and state["step"] % tcfg.log_every == 0:
-                writer.add_scalar("train/loss", float(loss), state["step"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-            if tcfg.checkpoint_every and state["step"] % tcfg.checkpoint_every == 0:
-                _save(tcfg.out, rank, _snapshot(wrapped, optimizer, state))
-            if tcfg.max_steps and state["step"] >= tcfg.max_steps:
-                done = True
+            self.writer = SummaryWriter(str(Path(tcfg.out) / "tb"))
+        bar = None
+        if self.rank == 0 and tcfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="train", unit="step", initial=st["step"], leave=False)
+        if self.counter is not None:
+            self.counter.reset()
+        steps_timed, examples, train_s = 0, 0, 0.0
+        global_bs = tcfg.batch_size * self.world
+        stop = False
+        for epoch in range(st["epoch"], tcfg.epochs):
+            batches = local_batches(self.data, "train", global_bs, self.rank, self.world, epoch)
+            for i, batch in enumerate(batches):
+                if i < st["step_in_epoch"]:
+                    continue  # resume: skip what the checkpoint already trained on
+                batch = batch.to(self.device)
+                t0 = time.perf_counter()
+                loss, _ = train_step(self.model, self.optimizer, batch, observer=self.counter)
+                value = float(loss)  # also waits for the device
+                synchronize(self.device)
+                train_s += time.perf_counter() - t0
+                steps_timed += 1
+                examples += int(batch.labels.numel()) * self.world
+                st["step"] += 1
+                st["step_in_epoch"] = i + 1
+                st["losses"].append(value)
+                if not math.isfinite(value):
+                    raise DataError(
+                        f"step {st['step']}: training loss is {value} (diverged); lower --lr "
+                        f"({tcfg.lr:g}) or --sparse-lr ({tcfg.sparse_lr:g})"
+                    )
+                if self.writer is not None and st["step"] % tcfg.log_every == 0:
+                    self.writer.add_scalar("train/loss", value, st["step"])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if tcfg.checkpoint_every and st["step"] % tcfg.checkpoint_every == 0:
+                    _save(tcfg.out, self.rank, _snapshot(self.built, st))
+                if self.has_valid and tcfg.eval_every and st["step"] % tcfg.eval_every == 0:
+                    self._validate(epoch)
+                    stop = self.stopper.should_stop
+                if stop or (tcfg.max_steps and st["step"] >= tcfg.max_steps):
+                    stop = True
+                    break
+            if not stop:
+                st["epoch"], st["step_in_epoch"] = epoch + 1, 0
+                if self.has_valid and not tcfg.eval_every:
+                    self._validate(epoch)
+                    stop = self.stopper.should_stop
+            if stop:
                 break
-        if done:
-            break
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-    if bar is not None:
-        bar.close()
-    _save(tcfg.out, rank, _snapshot(wrapped, optimizer, state))  # the trained model
-    counter.enabled = False  # per-step accounting covers training steps only
-    split = "test" if "test" in data.splits else "valid"
-    if split not in data.splits:
-        raise ConfigError("no --valid or --test data to evaluate on")
-    metrics = evaluate(data, wrapped, split, tcfg.eval_batch_size, rank, world)
-    if writer is not None:
-        for k in ("auc", "logloss", "ne"):
-            writer.add_scalar(f"{split}/{k}", metrics[k], state["step"])
-        writer.close()
-    return {
-        **metrics,
-        "eval_split": split,
-        "examples_per_s": examples / train_s if train_s else 0.0,
-        "train_examples": examples,
-        "steps": state["step"],
-        "steps_timed": steps_timed,
-        "losses": state["losses"],
-    }
+        if bar is not None:
+            bar.close()
+        if st["step"] == 0:
+            raise DataError(
+                "no training step ran: the training split has fewer rows than one global batch "
+                f"({global_bs} = --batch-size x ranks) after skipping bad rows"
+            )
+        _save(tcfg.out, self.rank, _snapshot(self.built, st))  # where training stopped
+        if self.counter is not None:
+            self.counter.enabled = False  # per-step accounting covers training steps only
+        if self.best_blob is not None:  # evaluate the best validation point, not the last step
+            self.model.load_state_dict(torch.load(io.BytesIO(self.best_blob), weights_only=False))
+        split = "test" if "test" in self.data.splits else "valid"
+        if split not in self.data.splits:
+            raise ConfigError("no --valid or --test data to evaluate on")
+        metrics = evaluate(
+            self.data, self.model, split, tcfg.eval_batch_size, self.rank, self.world, self.device
+        )
+        if self.writer is not None:
+            for k in ("auc", "logloss", "ne"):
+                self.writer.add_scalar(f"{split}/{k}", metrics[k], st["step"])
+            self.writer.close()
+        out = {
+            **metrics,
+            "eval_split": split,
+            "examples_per_s": examples / train_s if train_s else 0.0,
+            "train_examples": examples,
+            "steps": st["step"],
+            "steps_timed": steps_timed,
+            "losses": st["losses"],
+            "history": st["history"],
+            "best_epoch": st["best_epoch"],
+            "best_step": st["best_step"],
+        }
+        if st["history"] and st["best_step"] is not None:
+            best = next(h for h in st["history"] if h["step"] == st["best_step"] and h["best"])
+            out["valid"] = {k: best[k] for k in ("auc", "logloss", "ne")}
+        return out
 
 
 @torch.no_grad()
-def evaluate(data, wrapped, split: str, batch_size: int, rank: int, world: int) -> dict[str, float]:
-    """Quality on ``split``; every rank scores its slice, rank 0 gets all of them."""
-    was_training = wrapped.training
-    wrapped.eval()
+def evaluate(
+    data, model, split: str, batch_size: int, rank: int, world: int, device: torch.device
+) -> dict[str, float]:
+    """Quality on ``split``; every rank scores its slice, metrics over all of them."""
+    was_training = model.training
+    model.eval()
     logits, labels = [], []
-    device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
-    for batch in shard_rows(data.batches(split, batch_size * world), rank, world):
+    for batch in local_batches(data, split, batch_size * world, rank, world):
         batch = batch.to(device)
-        logits.append(wrapped(batch.dense_features, batch.sparse_features).float().cpu())
-        labels.append(batch.labels.cpu())
-    wrapped.train(was_training)
-    lg = torch.cat(logits) if logits else torch.zeros(0)
-    lb = torch.cat(labels) if labels else torch.zeros(0)
+        logits.append(model(batch.dense_features, batch.sparse_features).float())
+        labels.append(batch.labels)
+    model.train(was_training)
+    lg = torch.cat(logits) if logits else torch.zeros(0, device=device)
+    lb = torch.cat(labels) if labels else torch.zeros(0, device=device)
     if world > 1:  # on the rank's device: NCCL gathers only accelerator tensors
-        lg, lb = lg.to(device), lb.to(device)
         parts_l = [torch.empty_like(lg) for _ in range(world)]
         parts_y = [torch.empty_like(lb) for _ in range(world)]
         dist.all_gather(parts_l, lg)
         dist.all_gather(parts_y, lb)
-        lg, lb = torch.cat(parts_l).cpu(), torch.cat(parts_y).cpu()
-    return {**quality(lg, lb), "eval_examples": int(lb.numel())}
+        lg, lb = torch.cat(parts_l), torch.cat(parts_y)
+    return {**quality(lg.cpu(), lb.cpu()), "eval_examples": int(lb.numel())}
 
 
 def write_metrics(out: str, metrics: dict[str, Any]) -> Path:
@@ -298,3 +417,8 @@ def write_metrics(out: str, metrics: dict[str, Any]) -> Path:
     path = d / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, default=float))
     return path
+
+
+def progress_enabled() -> bool:
+    """A progress bar only on a terminal (log files get the per-evaluation lines instead)."""
+    return sys.stderr.isatty()
