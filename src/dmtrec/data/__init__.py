@@ -1,8 +1,12 @@
-"""Data sources: synthetic (built in), Criteo TSV, column-spec CSV/Parquet.
+"""Data sources: synthetic (built in), Criteo TSV, column-spec CSV/Parquet, and the binary
+store ``dmtrec preprocess`` writes (``preprocessed``).
 
 Each source has ``spec`` (a ``FeatureSpec``), ``stats`` (per-split ``DataStats``) and
-``batches(split, batch_size)`` yielding TorchRec ``Batch`` es. ``load_data`` builds one from a
-picklable ``DataConfig`` so every distributed worker can open the same data itself.
+``batches(split, global_batch_size, *, epoch=0, rank=0, world_size=1)`` yielding this rank's
+slice of every global batch as TorchRec ``Batch`` es, parsing only those rows; the sequence of
+global batches depends on the data and the seed only (``dmtrec.data.shard``). ``load_data``
+builds one from a picklable ``DataConfig`` so every distributed worker can open the same data
+itself.
 """
 
 from __future__ import annotations
@@ -10,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, shard_rows, slice_batch
+from dmtrec.data.base import POOLING_MODES, SPLITS, DataStats, FeatureSpec, shard_rows, slice_batch
 from dmtrec.errors import ConfigError
 from dmtrec.options import option
 
-DATA_KINDS = ("synthetic", "criteo", "csv", "parquet")
+DATA_KINDS = ("synthetic", "criteo", "csv", "parquet", "preprocessed")
 
 
 @dataclass
@@ -29,10 +33,37 @@ class DataConfig:
     dense: list[str] = option(factory=list, help="csv/parquet: dense columns a,b,c")
     sparse: list[str] = option(factory=list, help="csv/parquet: sparse columns a,b,c")
     table_size: int = option(
-        100_000, "criteo: rows per hashed table", flag="hash-size", aliases=("table-size",), minimum=2
+        100_000,
+        "criteo: rows per hashed table",
+        flag="hash-size",
+        aliases=("table-size",),
+        minimum=2,
     )
-    min_count: int = option(1, "csv/parquet: vocabulary threshold (rarer values -> id 0)", minimum=1)
+    min_count: int = option(
+        1, "csv/parquet: vocabulary threshold (rarer values -> id 0)", minimum=1
+    )
     max_bad_rows: int = option(100, "bad rows skipped before the read fails", minimum=0)
+    multi_hot: list[str] = option(
+        factory=list,
+        help="csv/parquet: sparse columns with a list of values per row (Parquet lists always)",
+    )
+    multi_hot_sep: str = option("|", "csv: separator of the values in a multi-hot cell")
+    pooling_mode: str = option(
+        "sum", "how the ids of a multi-hot bag are pooled", choices=POOLING_MODES
+    )
+    shuffle: bool = option(
+        True, "shuffle the train split every epoch (seeded: file blocks and rows within them)"
+    )
+    shuffle_seed: int = option(0, "seed of the per-epoch shuffle of file data", minimum=0)
+    block_mb: float = option(
+        8.0, "text files: MiB per block, the unit of reading and of the shuffle", minimum=0.001
+    )
+    block_rows: int = option(
+        65_536, "preprocessed: rows per block, the unit of the shuffle", minimum=1
+    )
+    progress_every: float = option(
+        0.0, "seconds between progress lines of long reads on stderr (0: none)", minimum=0
+    )
     synthetic: dict[str, Any] = option(
         factory=dict, help="SyntheticConfig fields (--data synthetic)", cli=False
     )
@@ -40,31 +71,67 @@ class DataConfig:
 
 def load_data(cfg: DataConfig):
     """Open the data source ``cfg`` describes; errors name the offending option."""
+    if cfg.pooling_mode not in POOLING_MODES:
+        raise ConfigError(f"--pooling-mode must be sum or mean, not {cfg.pooling_mode!r}")
     if cfg.kind == "synthetic":
         from dmtrec.data.synthetic import SyntheticConfig, SyntheticData
 
-        return SyntheticData(SyntheticConfig(**cfg.synthetic))
+        data = SyntheticData(SyntheticConfig(**cfg.synthetic), shuffle=cfg.shuffle)
+        data.spec.pooling = cfg.pooling_mode
+        return data
     if cfg.kind not in DATA_KINDS:
         raise ConfigError(f"--data: unknown kind {cfg.kind!r}; choose from {', '.join(DATA_KINDS)}")
     if not cfg.train:
         raise ConfigError(f"--data {cfg.kind} needs --train PATH")
+    if cfg.kind == "preprocessed":
+        from dmtrec.data.preprocessed import PreprocessedData
+
+        if len(cfg.train) > 1 or cfg.valid or cfg.test:
+            raise ConfigError(
+                "--data preprocessed takes one --train DIR (the store); its valid/test splits "
+                "come from the store"
+            )
+        return PreprocessedData(
+            cfg.train[0],
+            shuffle=cfg.shuffle,
+            seed=cfg.shuffle_seed,
+            block_rows=cfg.block_rows,
+            pooling=cfg.pooling_mode,
+        )
     paths = {s: getattr(cfg, s) for s in SPLITS if getattr(cfg, s)}
+    block_bytes = max(1, int(cfg.block_mb * (1 << 20)))
     if cfg.kind == "criteo":
         from dmtrec.data.criteo import CriteoTSV
 
-        return CriteoTSV(paths, table_size=cfg.table_size, max_bad_rows=cfg.max_bad_rows)
+        data = CriteoTSV(
+            paths,
+            table_size=cfg.table_size,
+            max_bad_rows=cfg.max_bad_rows,
+            shuffle=cfg.shuffle,
+            seed=cfg.shuffle_seed,
+            block_bytes=block_bytes,
+        )
+        data.spec.pooling = cfg.pooling_mode
+        return data
     from dmtrec.data.columns import ColumnTable
 
     if not cfg.label or not cfg.sparse:
         raise ConfigError(f"--data {cfg.kind} needs --label and --sparse (and usually --dense)")
     return ColumnTable(
-        {s: p[0] for s, p in paths.items()},
+        paths,
         label=cfg.label,
         dense=cfg.dense,
         sparse=cfg.sparse,
         fmt=cfg.kind,
         min_count=cfg.min_count,
         max_bad_rows=cfg.max_bad_rows,
+        multi_hot=cfg.multi_hot,
+        multi_hot_sep=cfg.multi_hot_sep,
+        shuffle=cfg.shuffle,
+        seed=cfg.shuffle_seed,
+        block_bytes=block_bytes,
+        pooling=cfg.pooling_mode,
+        progress_every=cfg.progress_every,
     )
 
 

@@ -243,13 +243,3 @@ def shard_rows(batches: Iterator[Batch], rank: int, world_size: int) -> Iterator
             yield batch
         else:
             yield slice_batch(batch, rank * per, (rank + 1) * per)
-
-
-def shard_batches(batches, rank: int, world_size: int):  # temporary: removed with the rewrite
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == world_size:
-            if len({int(b.labels.numel()) for b in group}) == 1:
-                yield group[rank]
-            group = []

@@ -33,13 +33,12 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
-from torchrec.datasets.utils import Batch
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Jagged, Rows
 from dmtrec.data.progress import Progress
@@ -47,6 +46,9 @@ from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batch
 from dmtrec.data.stream import BadRow, BadRows, short_repr
 from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
 from dmtrec.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from torchrec.datasets.utils import Batch
 
 FORMATS = ("csv", "parquet")
 BLOCK_BYTES = 8 << 20
@@ -289,6 +291,7 @@ class ColumnTable:
         block_bytes: int = BLOCK_BYTES,
         pooling: str = "sum",
         progress_every: float = 0.0,
+        vocab_values: dict[str, pa.Array] | None = None,
     ) -> None:
         unknown = sorted(set(paths) - set(SPLITS))
         if unknown:
@@ -343,18 +346,9 @@ class ColumnTable:
         self._multi = [c in multi_hot or c in listed for c in sparse]
 
         self.stats: dict[str, DataStats] = {s: DataStats() for s in self.paths}
-        vocabs = [Vocabulary() for _ in sparse]
-        bad = BadRows(self.stats["train"], max_bad_rows)
-        total = sum(os.path.getsize(p) for p in self.paths["train"])
-        progress = Progress("vocabulary pass over train", total, progress_every)
-        for block in self._blocks("train", 0, bad, shuffle=False):
-            raw, _ = block.parse_raw(np.arange(block.n), True)
-            self.stats["train"].rows += len(raw)
-            for vocab, keys in zip(vocabs, raw.keys):
-                vocab.add(keys[1] if isinstance(keys, tuple) else keys.drop_null())
-            progress.update(block.n, block.file_bytes)
-        progress.done()
-        self.vocab_values = {name: v.kept(min_count) for name, v in zip(sparse, vocabs)}
+        if vocab_values is None:
+            vocab_values = self._count_vocabularies()
+        self.vocab_values = {name: vocab_values[name] for name in sparse}
         self.spec = FeatureSpec(
             dense=list(dense),
             sparse=list(sparse),
@@ -362,6 +356,32 @@ class ColumnTable:
             multi_hot=[c for c, m in zip(sparse, self._multi) if m],
             pooling=pooling,
         )
+
+    def _count_vocabularies(self) -> dict[str, pa.Array]:
+        """One pass over the train files: each column's values kept by ``min_count``."""
+        vocabs = [Vocabulary() for _ in self.sparse]
+        bad = BadRows(self.stats["train"], self.max_bad_rows)
+        total = sum(os.path.getsize(p) for p in self.paths["train"])
+        progress = Progress("vocabulary pass over train", total, self.progress_every)
+        for block in self._blocks("train", 0, bad, shuffle=False):
+            raw, _ = block.parse_raw(np.arange(block.n), True)
+            self.stats["train"].rows += len(raw)
+            for vocab, keys in zip(vocabs, raw.keys):
+                vocab.add(keys[1] if isinstance(keys, tuple) else keys.drop_null())
+            progress.update(block.n, block.file_bytes)
+        progress.done()
+        return {name: v.kept(self.min_count) for name, v in zip(self.sparse, vocabs)}
+
+    def file_blocks(self, split: str, index: int, bad: BadRows) -> Iterator[_Block]:
+        """The blocks of one file of ``split`` in file order (for preprocessing)."""
+        f = self._files[split][index]
+        seen = 0
+        for u in f.units():
+            for block in f.read_unit(u):
+                seen += block.n
+                yield _Block(self, block, None, bad)
+        if seen == 0:
+            raise DataError(f"{f.path}: no data rows")
 
     @property
     def vocab(self) -> dict[str, dict[str, int]]:

@@ -26,17 +26,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-from torchrec.datasets.utils import Batch
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Rows
 from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batches
 from dmtrec.data.stream import BadRow, BadRows, short_repr
 from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
 from dmtrec.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from torchrec.datasets.utils import Batch
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -244,6 +247,18 @@ class CriteoTSV:
             if c == 0:
                 raise DataError(f"{f.path}: empty file (no rows)")
 
+    def file_blocks(self, split: str, index: int, bad: BadRows) -> Iterator[_CriteoBlock]:
+        """The blocks of one file of ``split`` in file order (for preprocessing)."""
+        f = TextFile(self.paths[split][index], index, header=False, block_bytes=self.block_bytes)
+        if f.size == 0:
+            raise DataError(f"{f.path}: empty file (no rows)")
+        seen = 0
+        for tb in f.sequential_blocks():
+            seen += tb.n
+            yield _CriteoBlock(self, tb, None, bad)
+        if seen == 0:
+            raise DataError(f"{f.path}: empty file (no rows)")
+
     # -- parsing ----------------------------------------------------------------------------
     def parse_lines(self, buffer: pa.Buffer, n: int) -> Rows | None:
         """Vectorised parse of ``n`` complete lines; None if any of them is not a good row."""
@@ -387,6 +402,7 @@ class _CriteoBlock:
     ) -> None:
         self.reader, self.block, self.order, self.bad = reader, block, order, bad
         self.n = block.n
+        self.file_bytes = block.file_bytes
 
     def parse(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
         rows = self.reader.parse_lines(self.block.lines(records), len(records))

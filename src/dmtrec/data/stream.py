@@ -1,49 +1,12 @@
-"""Streaming helpers the file readers share: lines of (gzipped) files, bad-row accounting,
-and grouping parsed rows into ``Batch`` es."""
+"""Bad-row accounting the file readers share: one-line messages naming ``file:line:col``,
+counted skips, and a hard stop past ``--max-bad-rows``."""
 
 from __future__ import annotations
 
-import gzip
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
-
-import numpy as np
-from torchrec.datasets.utils import Batch
-
-from dmtrec.data.base import DataStats, make_batch
-from dmtrec.errors import ConfigError, DataError
+from dmtrec.data.base import DataStats
+from dmtrec.errors import DataError
 
 MAX_MESSAGES = 5  # bad-row messages kept per split; the count keeps going
-
-# What a damaged gzip stream raises while being read.
-_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
-
-
-def open_lines(path: str) -> Iterator[str]:
-    """Yield the lines of a text file (``.gz`` decompressed on the fly), newlines kept.
-
-    Opened with ``newline=""`` so the ``csv`` module can consume the lines directly. I/O
-    failures become ``DataError``s naming the file, a cut gzip stream the line it broke after.
-    """
-    try:
-        if path.endswith(".gz"):
-            f = gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
-        else:
-            f = open(path, encoding="utf-8-sig", errors="replace", newline="")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
-    n = 0
-    with f:
-        try:
-            for line in f:
-                n += 1
-                yield line
-        except _GZIP_ERRORS:
-            raise DataError(f"{path}: truncated or corrupt gzip stream after line {n}") from None
-        except OSError as e:
-            raise DataError(f"{path}: read error after line {n}: {e.strerror or e}") from None
 
 
 def short_repr(value: object, limit: int = 40) -> str:
@@ -81,44 +44,3 @@ class BadRows:
                 f"{self.max_bad_rows} allows (last: {reason}); fix the input or raise "
                 "--max-bad-rows"
             )
-
-
-def batch_rows(
-    rows: Iterable[tuple[float, Sequence[float], Sequence[int]]],
-    batch_size: int,
-    keys: list[str],
-    num_dense: int,
-) -> Iterator[Batch]:
-    """Group parsed ``(label, dense, ids)`` rows into ``Batch``es; the last one may be short.
-
-    Fresh arrays per batch: ``make_batch`` shares memory with contiguous inputs.
-    """
-    labels: list[float] = []
-    dense: list[Sequence[float]] = []
-    ids: list[Sequence[int]] = []
-
-    def flush() -> Batch:
-        return make_batch(
-            np.asarray(dense, dtype=np.float32).reshape(len(labels), num_dense),
-            np.asarray(ids, dtype=np.int64).reshape(len(labels), len(keys)),
-            np.asarray(labels, dtype=np.float32),
-            keys,
-        )
-
-    for label, d, i in rows:
-        labels.append(label)
-        dense.append(d)
-        ids.append(i)
-        if len(labels) == batch_size:
-            yield flush()
-            labels, dense, ids = [], [], []
-    if labels:
-        yield flush()
-
-
-def check_batch_args(batch_size: int, rank: int, world_size: int) -> None:
-    """Reject impossible batch/shard arguments before any file is opened."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is not in [0, world size {world_size})")

@@ -10,7 +10,9 @@ Sparse features fall into ``num_groups`` groups; the true logit is
 triples of a group; ``triple_share`` sets the fraction of the interaction variance it carries,
 so the third order can matter)
 
-with per-id main effects ``m_i`` and latent vectors ``U_i`` (rank ``latent_rank``). So the true
+with per-id main effects ``m_i`` and latent vectors ``U_i`` (rank ``latent_rank``); with
+``pooling`` P > 1 every feature is multi-hot, a bag of 1..P ids per row (uniform), and ``m_i``
+and ``U_i`` of a bag are the means over its ids (what a mean-pooled embedding bag sees). So the true
 interaction matrix is block-diagonal by group (the partitioner can be scored against it), a tower
 layout aligned with the groups loses nothing, and the AUC of the true logit (``oracle_auc``)
 bounds what any model can reach. Ids follow a power law (Zipf-like), as in Criteo.
@@ -27,7 +29,8 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
-from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, make_batch, shard_batches
+from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Jagged, Rows
+from dmtrec.data.shard import check_shard_args, sharded_batches
 from dmtrec.errors import ConfigError
 from dmtrec.options import option
 
@@ -57,6 +60,9 @@ class SyntheticConfig:
     logit_std: float = option(1.5, "synthetic: scale of the interaction part of the true logit")
     base_rate: float = option(0.25, "synthetic: positive rate", minimum=0, maximum=1)
     shuffle_groups: bool = option(True, "synthetic: feature order shuffled relative to groups")
+    pooling: int = option(
+        1, "synthetic: ids per bag: 1 one-hot, P > 1 multi-hot with 1..P ids per row", minimum=1
+    )
     seed: int = option(0, "seed of the synthetic tables and rows (the CLI's --seed)", cli=False)
 
     def validate(self) -> None:
@@ -75,6 +81,8 @@ class SyntheticConfig:
             raise ConfigError(f"--triple-form must be anova or pairprod, not {self.triple_form!r}")
         if not 0.0 <= self.triple_share <= 1.0:
             raise ConfigError(f"--triple-share must be in [0, 1], not {self.triple_share}")
+        if self.pooling < 1:
+            raise ConfigError(f"--pooling must be >= 1, not {self.pooling}")
         for name in ("num_train", "num_valid", "num_test"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
@@ -83,8 +91,9 @@ class SyntheticConfig:
 class SyntheticData:
     """In-memory synthetic data set (train/valid/test) generated from ``config.seed``."""
 
-    def __init__(self, config: SyntheticConfig) -> None:
+    def __init__(self, config: SyntheticConfig, shuffle: bool = True) -> None:
         config.validate()
+        self.shuffle = shuffle  # the train split in a seeded permutation per epoch
         self.config = c = config
         rng = np.random.default_rng(c.seed)
         f = c.num_sparse
@@ -97,6 +106,7 @@ class SyntheticData:
             sparse=[f"C{i + 1}" for i in range(f)],
             num_embeddings=[c.table_size] * f,
             groups=[int(g) for g in groups],
+            multi_hot=[f"C{i + 1}" for i in range(f)] if c.pooling > 1 else [],
         )
         r = c.latent_rank
         self._latent = rng.standard_normal((f, c.table_size, r)) / np.sqrt(r)
@@ -135,21 +145,43 @@ class SyntheticData:
             dense, ids = self._features(srng, sizes[split])
             prob = 1.0 / (1.0 + np.exp(-self._logit(dense, ids)))
             labels = (srng.random(len(prob)) < prob).astype(np.float32)
+            if c.pooling > 1:
+                ids = ids.astype(np.int32)  # bags padded by -1: half the memory
             self._splits[split] = (dense.astype(np.float32), ids, labels, prob)
         self.stats = {s: DataStats(rows=sizes[s]) for s in SPLITS}
 
     # -- generation -------------------------------------------------------------------------
     def _features(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dense features and ids: n x F, or with pooling P > 1 bags n x F x P padded by -1."""
         c = self.config
         dense = np.log1p(rng.poisson(3.0, size=(n, c.num_dense))).astype(np.float64)
-        raw = rng.choice(c.table_size, size=(n, c.num_sparse), p=self._id_p)
-        ids = self._id_perm[np.arange(c.num_sparse)[None, :], raw].astype(np.int64)
+        p = c.pooling
+        shape = (n, c.num_sparse) if p == 1 else (n, c.num_sparse, p)
+        raw = rng.choice(c.table_size, size=shape, p=self._id_p)
+        feat = (
+            np.arange(c.num_sparse)[None, :] if p == 1 else np.arange(c.num_sparse)[None, :, None]
+        )
+        ids = self._id_perm[feat, raw].astype(np.int64)
+        if p > 1:
+            lengths = rng.integers(1, p + 1, size=(n, c.num_sparse))
+            ids[np.arange(p)[None, None, :] >= lengths[..., None]] = -1
         return dense, ids
+
+    def _pooled(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """``table[f, id]`` per row and feature (F x T x ... table); the mean over a bag."""
+        f = np.arange(self.config.num_sparse)
+        if ids.ndim == 2:
+            return table[f[None, :], ids]
+        mask = ids >= 0
+        vals = table[f[None, :, None], np.where(mask, ids, 0)]  # n x F x P (x r)
+        extra = (1,) * (vals.ndim - 3)
+        m = mask.reshape(mask.shape + extra)
+        return (vals * m).sum(2) / mask.sum(2).reshape(mask.shape[:2] + extra)
 
     def _orders(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(pairwise, triple) planted terms, summed over groups, unweighted."""
         c = self.config
-        vecs = self._latent[np.arange(c.num_sparse)[None, :], ids]  # n x F x r
+        vecs = self._pooled(self._latent, ids)  # n x F x r
         pair, triple = np.zeros(len(ids)), np.zeros(len(ids))
         for g in range(c.num_groups):
             v = vecs[:, self.groups == g, :]  # n x m x r
@@ -174,8 +206,7 @@ class SyntheticData:
         return self._order_w[0] * pair + self._order_w[1] * triple
 
     def _logit(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        c = self.config
-        main = self._main[np.arange(c.num_sparse)[None, :], ids].sum(1)
+        main = self._pooled(self._main, ids).sum(1)
         centered = dense - np.log1p(3.0)
         return self._bias + centered @ self._dense_w + main + self._scale * self._interaction(ids)
 
@@ -202,17 +233,45 @@ class SyntheticData:
         return len(self._splits[split][2])
 
     def batches(
-        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1, epoch: int = 0
+        self,
+        split: str,
+        global_batch_size: int,
+        *,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[Batch]:
-        """Batches of ``split``; train is shuffled per epoch (seeded), eval splits are not."""
+        """This rank's slice of each global batch of ``split`` (``dmtrec.data.shard``); train
+        is shuffled per epoch (a seeded permutation of all rows), eval splits are not."""
+        check_shard_args(global_batch_size, rank, world_size)
+        n = len(self._splits[split][2])
+        order = None
+        if split == "train" and self.shuffle:
+            order = np.random.default_rng([self.config.seed, 1000 + epoch]).permutation(n)
+        stats = DataStats()
+        block = _TableBlock(self, split, order)
+        rows = sharded_batches([block] if n else [], global_batch_size, rank, world_size, stats)
+        return (r.to_batch(self.spec.sparse) for r in rows)
+
+    def rows(self, split: str, idx: np.ndarray) -> Rows:
+        """Rows ``idx`` of ``split``."""
         dense, ids, labels, _ = self._splits[split]
-        order = np.arange(len(labels))
-        if split == "train":
-            order = np.random.default_rng([self.config.seed, 1000 + epoch]).permutation(order)
+        if ids.ndim == 2:
+            return Rows(labels[idx], dense[idx], ids[idx].T)
+        bags = []
+        for f in range(ids.shape[1]):
+            sub = ids[idx, f, :]
+            mask = sub >= 0
+            bags.append(Jagged(mask.sum(1).astype(np.int32), sub[mask].astype(np.int64)))
+        return Rows(labels[idx], dense[idx], bags)
 
-        def gen() -> Iterator[Batch]:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                yield make_batch(dense[idx], ids[idx], labels[idx], self.spec.sparse)
 
-        return shard_batches(gen(), rank, world_size)
+class _TableBlock:
+    """A whole in-memory split as one block (``shard.Block``): parsing is indexing."""
+
+    def __init__(self, data: SyntheticData, split: str, order: np.ndarray | None) -> None:
+        self.data, self.split, self.order = data, split, order
+        self.n = data.num_examples(split)
+
+    def parse(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
+        return self.data.rows(self.split, records), np.ones(len(records), dtype=bool)

@@ -97,7 +97,9 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, table_device: str = "cpu") 
     distributed build (``parallel/build.py``) materialises only each rank's shards.
     """
     cfg.validate()
-    ebc = make_ebc(spec.table_sizes, cfg.embedding_dim, spec.sparse, device=table_device)
+    ebc = make_ebc(
+        spec.table_sizes, cfg.embedding_dim, spec.sparse, device=table_device, pooling=spec.pooling
+    )
     if cfg.towers is None:
         return FlatModel(ebc, make_head(cfg, spec, len(spec.sparse)), spec.sparse)
     return MultiTower(

@@ -19,11 +19,15 @@ def make_ebc(
     embedding_dim: int,
     features: list[str] | None = None,
     device: torch.device | str = "cpu",
+    pooling: str = "sum",
 ) -> EmbeddingBagCollection:
-    """An ``EmbeddingBagCollection`` with one sum-pooled table per sparse feature.
+    """An ``EmbeddingBagCollection`` with one table per sparse feature, each bag of ids
+    pooled by ``pooling`` (``sum`` or ``mean``: the data's ``spec.pooling``; the same for a
+    one-id bag).
 
     ``features`` picks (and orders) a subset, e.g. the features of one tower or one host.
     """
+    mode = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}[pooling]
     sizes = table_sizes
     names = list(table_sizes) if features is None else features
     tables = [
@@ -32,7 +36,7 @@ def make_ebc(
             embedding_dim=embedding_dim,
             num_embeddings=sizes[f],
             feature_names=[f],
-            pooling=PoolingType.SUM,
+            pooling=mode,
         )
         for f in names
     ]
@@ -42,6 +46,13 @@ def make_ebc(
 def table_sizes(ebc: EmbeddingBagCollection) -> dict[str, int]:
     """Feature -> rows of its table, in the EBC's order."""
     return {c.feature_names[0]: c.num_embeddings for c in ebc.embedding_bag_configs()}
+
+
+def ebc_pooling(ebc: EmbeddingBagCollection) -> str:
+    """The pooling (``sum``/``mean``) of an EBC made by ``make_ebc``, to make another alike."""
+    modes = {c.pooling for c in ebc.embedding_bag_configs()}
+    assert len(modes) == 1, modes
+    return {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}[modes.pop()]
 
 
 def table_weights(model: nn.Module) -> dict[str, torch.Tensor]:
