@@ -1,4 +1,4 @@
-"""Flat-kernel throughput: dmtrec's flat DLRM vs TorchRec's DLRM, same run (issue 3/6).
+"""Flat-kernel throughput: dmtrec's flat DLRM vs TorchRec's DLRM, same run.
 
     .venv/bin/python benchmarks/bench_flat.py --out runs/bench_flat
 

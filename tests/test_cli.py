@@ -24,7 +24,10 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
     [
         (["--towers", "30"], "--towers 30 exceeds the number of sparse features (26)"),
         (["--towers", "0"], "--towers must be >= 1"),
-        (["--towers", "4", "--tm", "dlrm", "--cr", "8"], "--cr 8 is larger than a tower of 7 features"),
+        (
+            ["--towers", "4", "--tm", "dlrm", "--cr", "8"],
+            "--cr 8 is larger than a tower of 7 features",
+        ),
         (["--towers", "2", "--tm", "magic"], "--tm: unknown 'magic'; choose from identity"),
         (
             ["--parallel", "dmt", "--hosts", "2", "--ranks-per-host", "2"],
@@ -154,6 +157,27 @@ def test_assign_towers_balances_hosts() -> None:
         assign_towers([3], 2)
 
 
+def _pair_count_ari(towers: list[list[str]], planted: dict[str, int]) -> float:
+    """Hubert-Arabie ARI from the contingency table (the reference the report must match)."""
+    from math import comb
+
+    names = sorted(planted)
+    tower = {f: k for k, t in enumerate(towers) for f in t}
+    pairs = [(tower[f], planted[f]) for f in names]
+    cells: dict = {}
+    for pair in pairs:
+        cells[pair] = cells.get(pair, 0) + 1
+    rows: dict = {}
+    cols: dict = {}
+    for (a, b), n in cells.items():
+        rows[a] = rows.get(a, 0) + n
+        cols[b] = cols.get(b, 0) + n
+    index = sum(comb(n, 2) for n in cells.values())
+    ra, cb = sum(comb(n, 2) for n in rows.values()), sum(comb(n, 2) for n in cols.values())
+    expected = ra * cb / comb(len(names), 2)
+    return (index - expected) / ((ra + cb) / 2 - expected)
+
+
 def test_partition_command_writes_towers_json(
     capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
@@ -173,6 +197,13 @@ def test_partition_command_writes_towers_json(
         "--num-valid",
         "0",
     ]
+    from dmtrec.data import DataConfig, load_data
+
+    spec = load_data(
+        DataConfig(synthetic=dict(num_sparse=8, num_groups=2, table_size=20, num_train=10,
+                                  num_test=0, num_valid=0))
+    ).spec  # fmt: skip
+    planted = dict(zip(spec.sparse, spec.groups))
     for method in ("sequential", "random", "learned"):
         out = tmp_path / method
         assert (
@@ -196,7 +227,7 @@ def test_partition_command_writes_towers_json(
         assert doc["method"] == method and len(doc["towers"]) == 2
         assert sorted(f for t in doc["towers"] for f in t) == sorted(f"C{i}" for i in range(1, 9))
         assert doc["cost_per_tower"] == [4.0, 4.0] and doc["imbalance"] == 1.0
-        assert -1.0 <= doc["ari"] <= 1.0
+        assert doc["ari"] == pytest.approx(_pair_count_ari(doc["towers"], planted), abs=1e-12)
     assert (tmp_path / "learned" / "interaction.png").stat().st_size > 1000
     assert "towers" in (tmp_path / "learned" / "report.txt").read_text()
     capsys.readouterr()

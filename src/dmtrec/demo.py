@@ -23,9 +23,11 @@ DEMO_DATA = dict(
 )
 
 
-def demo_runs(out: str) -> list[tuple[str, DataConfig, ModelConfig, TrainConfig]]:
-    """The three runs of the demo (also used by its test, at a smaller size)."""
-    data = DataConfig(synthetic=dict(DEMO_DATA))
+def demo_runs(
+    out: str, num_train: int = DEMO_DATA["num_train"], num_test: int = DEMO_DATA["num_test"]
+) -> list[tuple[str, DataConfig, ModelConfig, TrainConfig]]:
+    """The three runs of the demo (``tests/test_demo.py`` runs them at a smaller size)."""
+    data = DataConfig(synthetic={**DEMO_DATA, "num_train": num_train, "num_test": num_test})
     common = dict(batch_size=128, lr=3e-3, sparse_lr=0.2, epochs=1, progress=False, count_comm=True)
     two_by_two = dict(hosts=2, ranks_per_host=2)
     return [
@@ -56,8 +58,8 @@ def demo_runs(out: str) -> list[tuple[str, DataConfig, ModelConfig, TrainConfig]
 
 def run_demo(out: str, runs: list | None = None) -> int:
     """Run the demo; distributed runs go on shaped emulated hosts when namespaces are available."""
-    from dmtrec.train.run import run_train
     from dmtrec.emulate import netns as netem
+    from dmtrec.train.run import run_train
 
     results: dict[str, Any] = {}
     why_not = netem.available()

@@ -80,7 +80,7 @@ class Hardware:
 # NVLink figure is bidirectional per GPU, halved here to one direction; the NIC figure is the
 # ConnectX bandwidth per GPU). Latencies are our setting, of the order of NCCL's own tuning
 # model (src/graph/tuning.cc: NVLink ring/Simple hwLat 3.4 us, base latency 8.4 us; the
-# network adds ~5-10 us per hop). All of these are settings (``--intra-gbps`` etc.), not
+# network adds ~5-10 us per hop). All of these are fields of ``Hardware`` (and ``--alpha-*-us`` options), not
 # constants: Meta's ZionEX/Grand Teton hosts differ in NIC count, and the paper's exact
 # topology is not public.
 HARDWARE: dict[str, Hardware] = {

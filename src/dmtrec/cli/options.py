@@ -67,9 +67,9 @@ def _scalar(tp: type, value: Any) -> Any:
                 pass
         raise Invalid(f"expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if not isinstance(value, str):  # YAML 5 or true for a name: quote it if meant
             raise Invalid(f"expected a string, got {value!r}")
-        return str(value)
+        return value
     raise TypeError(f"unsupported option type {tp!r}")
 
 

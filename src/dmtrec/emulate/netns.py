@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from dmtrec.errors import ConfigError
 
@@ -84,6 +85,7 @@ def remove_stale() -> list[str]:
         m = re.fullmatch(rf"{PREFIX}(\d+)(h\d+|sw)", name)
         if m and not _pid_alive(int(m.group(1))):
             _ip("netns", "del", name, check=False)
+            shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
             removed.append(name)
     return removed
 
@@ -147,6 +149,7 @@ class EmulatedHosts:
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
+                self._write_hosts_file(ns)
                 self._tbf(ns, dev, self.link.cross_mbit)  # host -> network
                 self._tbf(self.switch, peer, self.link.cross_mbit)  # network -> host
                 self._tbf(ns, "lo", self.link.intra_mbit)  # inside the host
@@ -160,6 +163,17 @@ class EmulatedHosts:
             raise
         return self
 
+    def _write_hosts_file(self, ns: str) -> None:
+        """Names for the namespace addresses, so c10d's reverse lookup of a peer socket
+        succeeds (else every connection logs "hostname of the client socket cannot be
+        retrieved"). ``ip netns exec`` bind-mounts ``/etc/netns/<ns>/hosts`` over
+        ``/etc/hosts`` for the processes it starts; removed with the namespace."""
+        d = Path("/etc/netns") / ns
+        d.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost"]
+        lines += [f"{a} {n}" for a, n in zip(self.addresses, self.namespaces)]
+        (d / "hosts").write_text("\n".join(lines) + "\n")
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
@@ -167,6 +181,7 @@ class EmulatedHosts:
         """Remove every namespace this object created (their veths and bridge go with them)."""
         for ns in reversed(self._created):
             _ip("netns", "del", ns, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self._created.clear()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)

@@ -97,15 +97,34 @@ def init_local(rank: int, world_size: int, port: int, local_world_size: int) -> 
     )
 
 
+# Library warnings a dmtrec user cannot act on, each matched by its message (regex, from the
+# start). Anything else still shows: a new warning is news.
+KNOWN_NOISE = (
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (DeprecationWarning, r"`torch\.jit\.(script|interface)` is deprecated"),
+    (DeprecationWarning, r"distutils Version classes are deprecated"),
+    (
+        DeprecationWarning,
+        r"This API is deprecated\. Please use Pytorch Distributed's _apply_optimizer",
+    ),
+    (FutureWarning, r"HeuristicalStorageReservation is known to cause issues"),
+    (FutureWarning, r"`broadcast_buffers` is deprecated"),
+    (DeprecationWarning, r"\x1b\[93m"),  # fbgemm's coloured notices of its legacy op names
+)
+# Python loggers whose WARNING records are planner advice about dry runs (not our case).
+NOISY_LOGGERS = ("torchrec.distributed.planner",)
+
+
 def quiet_libraries() -> None:
-    """Silence library noise users can't act on (fbgemm deprecations, planner reservations,
-    torch FutureWarnings) here and in the workers this process spawns."""
+    """Silence the known library noise (``KNOWN_NOISE``) here and in the workers this process
+    spawns; every other warning still reaches the user."""
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     os.environ["DMTREC_QUIET"] = "1"
-    for name in ("torchrec", "torch", "fbgemm_gpu"):
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -251,7 +251,8 @@ class _Loop:
         for _, opt in self.optimizer.optimizers:
             if isinstance(opt, KeyedOptimizerWrapper):
                 opt.init_state()  # Adam's state is lazy; loading fills it in place
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.model.parameters():  # init_state leaves zero grads behind
+            p.grad = None
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
