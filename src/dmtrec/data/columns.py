@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("csv", "parquet")
 BLOCK_BYTES = 8 << 20
+RESCAN_ROWS = 256  # a failing parse is halved down to this many rows, then re-scanned
 
 
 def infer_format(path: str) -> str:
@@ -97,6 +98,25 @@ class RawColumns:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @staticmethod
+    def concat(parts: list[RawColumns]) -> RawColumns:
+        keys: list[pa.Array | tuple[np.ndarray, pa.Array]] = []
+        for cols in zip(*(p.keys for p in parts)):
+            if isinstance(cols[0], tuple):
+                keys.append(
+                    (
+                        np.concatenate([c[0] for c in cols]),  # type: ignore[index]
+                        pa.concat_arrays([c[1] for c in cols]),  # type: ignore[index]
+                    )
+                )
+            else:
+                keys.append(pa.concat_arrays(list(cols)))  # type: ignore[arg-type]
+        return RawColumns(
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.dense for p in parts]),
+            keys,
+        )
 
 
 class Vocabulary:
@@ -563,10 +583,17 @@ class _Block:
         return self.table.to_rows(raw), good
 
     def parse_raw(self, records: np.ndarray, report: bool) -> tuple[RawColumns, np.ndarray]:
+        """Fast parse; if it fails, halve and retry down to ``RESCAN_ROWS`` rows re-scanned
+        one by one (as the Criteo reader does)."""
         raw = self._fast(records)
         if raw is not None and len(raw) == len(records):
             return raw, np.ones(len(records), dtype=bool)
-        return self._rescan(records, report)
+        if len(records) <= RESCAN_ROWS:
+            return self._rescan(records, report)
+        mid = len(records) // 2
+        a, ga = self.parse_raw(records[:mid], report)
+        b, gb = self.parse_raw(records[mid:], report)
+        return RawColumns.concat([a, b]), np.concatenate([ga, gb])
 
     def _fast(self, records: np.ndarray) -> RawColumns | None:
         block = self.block

@@ -47,6 +47,7 @@ NUM_FIELDS = 1 + NUM_DENSE + NUM_SPARSE
 DENSE_NAMES = [f"I{i + 1}" for i in range(NUM_DENSE)]
 SPARSE_NAMES = [f"C{i + 1}" for i in range(NUM_SPARSE)]
 BLOCK_BYTES = 8 << 20
+RESCAN_ROWS = 256  # a failing parse is halved down to this many lines, then re-scanned
 
 _COLUMNS = ["label", *DENSE_NAMES, *SPARSE_NAMES]
 _PARSE = pa_csv.ParseOptions(
@@ -405,10 +406,17 @@ class _CriteoBlock:
         self.file_bytes = block.file_bytes
 
     def parse(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
+        """Fast parse; if it fails, halve the records and retry, down to ``RESCAN_ROWS``
+        lines re-scanned one by one: a bad row costs a few fast parses and a small re-scan."""
         rows = self.reader.parse_lines(self.block.lines(records), len(records))
         if rows is not None:
             return rows, np.ones(len(records), dtype=bool)
-        return self._rescan(records, report)
+        if len(records) <= RESCAN_ROWS:
+            return self._rescan(records, report)
+        mid = len(records) // 2
+        a, ga = self.parse(records[:mid], report)
+        b, gb = self.parse(records[mid:], report)
+        return Rows.concat([a, b]), np.concatenate([ga, gb])
 
     def _rescan(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
         """Line-by-line parse of ``records``: exact messages for the bad ones."""
