@@ -8,7 +8,8 @@ applied), a rank touches only the pages of its own rows, and ``np.load`` is the 
 Parquet would add a decode step per read and row-group granularity. TorchRec's own converter is
 not used: it parses fields in Python, holds a whole day in lists, and applies a different dense
 transform (``log(x - min + 2)``); here the readers' vectorised parsers are reused block by
-block, so a store holds exactly the batches ``--data criteo|csv|parquet`` would give.
+block, so a store holds exactly the rows ``--data criteo|csv|parquet`` would give (bad rows
+dropped, and counted, once).
 
 **Bounded memory**: each input file is streamed in blocks (``block_mb``) and every block is
 appended to the part's arrays at once (an ``.npy`` header is written first and its row count
