@@ -124,6 +124,7 @@ class _Opts:
     dense_optimizer: str = DENSE_OPTIMIZER
     lr: float = DENSE_LR
     seed: int = 0
+    weight_decay: float = 0.0
 
 
 def _version(package: str) -> str | None:

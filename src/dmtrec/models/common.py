@@ -77,11 +77,90 @@ class FlatModel(nn.Module):
     ``DCNHead`` are the two. The feature order only permutes the head's interaction inputs.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, head: nn.Module, features: list[str]) -> None:
+    def __init__(
+        self,
+        ebc: EmbeddingBagCollection,
+        head: nn.Module,
+        features: list[str],
+        embedding_l2: float = 0.0,
+    ) -> None:
         super().__init__()
         self.ebc = ebc
         self.head = head
         self.features = list(features)
+        self.embedding_l2 = embedding_l2
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return self.head(dense, stack_pooled(self.ebc(sparse), self.features))
+        pooled = stack_pooled(self.ebc(sparse), self.features)
+        return self.head(dense, embedding_l2(pooled, self.embedding_l2))
+
+
+class _LookupL2(torch.autograd.Function):
+    """Identity forward; backward adds the gradient of an L2 penalty on the looked-up rows.
+
+    For pooled embeddings ``x`` (S x ... , S samples) it adds ``lam * x / S`` to the incoming
+    gradient, i.e. the gradient of ``lam / 2 * mean_s sum ||x_s||^2``. Placed right after the
+    lookup, the penalty reaches exactly the rows the batch touched (as FuxiCTR's/DeepCTR's
+    embedding regulariser on the batch's rows), and it runs inside every optimizer, fused TBE
+    ones included, that only ever see gradients. Dividing by the samples of *this* tensor
+    makes it the same objective on every parallel mode: TorchRec and DDP then average over
+    ranks as they do for the loss (SPTT's host tensors hold H*B samples and its gradients are
+    divided by L: lam / (H*B) / L = lam / (N*B)).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return g + ctx.lam / max(x.shape[0], 1) * x, None
+
+
+def embedding_l2(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """``x`` with the L2 penalty ``lam`` on its rows attached to its gradient (see above)."""
+    return _LookupL2.apply(x, lam) if lam > 0 else x
+
+
+def mlp(
+    in_dim: int,
+    sizes: list[int],
+    *,
+    dropout: float = 0.0,
+    batch_norm: bool = False,
+    last_activation: bool = True,
+) -> nn.Sequential:
+    """Linear [-> BatchNorm] -> ReLU [-> Dropout] per size; the last layer stays linear when
+    ``last_activation`` is False (a logit or a projection)."""
+    layers: list[nn.Module] = []
+    for i, out in enumerate(sizes):
+        layers.append(nn.Linear(in_dim, out))
+        if i < len(sizes) - 1 or last_activation:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(out))
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        in_dim = out
+    return nn.Sequential(*layers)
+
+
+def dense_arch(num_dense: int, sizes: list[int], dropout: float, batch_norm: bool) -> nn.Module:
+    """Bottom MLP: TorchRec's ``DenseArch`` as is, or ``mlp`` when regularised (dropout/BN)."""
+    from torchrec.models.dlrm import DenseArch
+
+    if dropout == 0 and not batch_norm:
+        return DenseArch(num_dense, sizes)
+    return mlp(num_dense, sizes, dropout=dropout, batch_norm=batch_norm)
+
+
+def over_arch(in_dim: int, sizes: list[int], dropout: float, batch_norm: bool) -> nn.Module:
+    """Top MLP ending in the logit: TorchRec's ``OverArch``, or ``mlp`` when regularised."""
+    from torchrec.models.dlrm import OverArch
+
+    if dropout == 0 and not batch_norm:
+        return OverArch(in_dim, sizes)
+    return mlp(in_dim, sizes, dropout=dropout, batch_norm=batch_norm, last_activation=False)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DenseArch, InteractionDCNArch, OverArch
+from torchrec.models.dlrm import InteractionDCNArch
 from torchrec.modules.crossnet import LowRankCrossNet
+
+from dmtrec.models.common import dense_arch, over_arch
 
 
 class DCNHead(nn.Module):
@@ -24,14 +26,16 @@ class DCNHead(nn.Module):
         top: list[int],
         cross_layers: int = 3,
         cross_rank: int = 16,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         width = (num_sparse + 1) * embedding_dim
-        self.dense_arch = DenseArch(num_dense, [*bottom, embedding_dim])
+        self.dense_arch = dense_arch(num_dense, [*bottom, embedding_dim], dropout, batch_norm)
         self.inter_arch = InteractionDCNArch(
             num_sparse, LowRankCrossNet(width, cross_layers, min(cross_rank, width))
         )
-        self.over_arch = OverArch(width, [*top, 1])
+        self.over_arch = over_arch(width, [*top, 1], dropout, batch_norm)
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         x = self.dense_arch(dense)

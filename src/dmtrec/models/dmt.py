@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dmtrec.data.base import FeatureSpec
 from dmtrec.errors import ConfigError
-from dmtrec.models.common import stack_pooled
+from dmtrec.models.common import embedding_l2, stack_pooled
 from dmtrec.models.tower_modules import make_tower_module
 
 
@@ -52,9 +52,11 @@ class MultiTower(nn.Module):
         cr: int,
         embedding_dim: int,
         make_head,  # (num_virtual_features) -> head module
+        embedding_l2: float = 0.0,
     ) -> None:
         super().__init__()
         check_towers(towers, spec.sparse)
+        self.embedding_l2 = embedding_l2
         self.towers = [list(t) for t in towers]
         self.ebc = ebc
         self.tower_modules = nn.ModuleList(
@@ -66,6 +68,7 @@ class MultiTower(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(sparse)
         virtual = [
-            tm(stack_pooled(pooled, feats)) for tm, feats in zip(self.tower_modules, self.towers)
+            tm(embedding_l2(stack_pooled(pooled, feats), self.embedding_l2))
+            for tm, feats in zip(self.tower_modules, self.towers)
         ]
         return self.head(dense, torch.cat(virtual, dim=1))

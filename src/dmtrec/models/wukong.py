@@ -22,8 +22,9 @@ import math
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DenseArch, OverArch
 from torchrec.modules.mlp import MLP
+
+from dmtrec.models.common import dense_arch, over_arch
 
 
 class FactorizationMachineBlock(nn.Module):
@@ -117,6 +118,8 @@ class WukongHead(nn.Module):
         fmb_hidden: list[int] | None = None,
         top: list[int] | None = None,
         bottom: list[int] | None = None,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         fmb_hidden = [64] if fmb_hidden is None else fmb_hidden
@@ -124,14 +127,14 @@ class WukongHead(nn.Module):
         bottom = [64, 32] if bottom is None else bottom
         if num_layers < 1:
             raise ValueError("WukongHead needs num_layers >= 1")
-        self.dense_arch = DenseArch(num_dense, [*bottom, embedding_dim])
+        self.dense_arch = dense_arch(num_dense, [*bottom, embedding_dim], dropout, batch_norm)
         n = num_sparse + 1
         layers = []
         for _ in range(num_layers):
             layers.append(WukongLayer(n, embedding_dim, nF, nL, rank, fmb_hidden))
             n = nF + nL
         self.layers = nn.Sequential(*layers)
-        self.over_arch = OverArch(n * embedding_dim, [*top, 1])
+        self.over_arch = over_arch(n * embedding_dim, [*top, 1], dropout, batch_norm)
 
     def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.dense_arch(dense).unsqueeze(1), embeddings], dim=1)

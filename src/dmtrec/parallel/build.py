@@ -56,6 +56,7 @@ class BuildOptions(Protocol):
     dense_optimizer: str
     lr: float
     seed: int
+    weight_decay: float
 
 
 @dataclass
@@ -127,7 +128,7 @@ def build(
         count_comm=count_comm,
     )
     optimizer = dense_and_fused_optimizer(
-        wrapped, [wrapped.fused_optimizer], opts.dense_optimizer, opts.lr
+        wrapped, [wrapped.fused_optimizer], opts.dense_optimizer, opts.lr, opts.weight_decay
     )
     return Built(wrapped, optimizer, device, topo)
 
@@ -145,13 +146,13 @@ def distribute(
     in ``bench flat``. Fused sparse optimizer in the backward, dense optimizer on the rest."""
     topo = world_topology(opts)
     device = rank_device()
-    add_fused_embedding_optimizer(ebc, opts.sparse_optimizer, opts.sparse_lr)
+    add_fused_embedding_optimizer(ebc, opts.sparse_optimizer, opts.sparse_lr, device)
     wrapped = shard(
         model, [ebc], dist.group.WORLD, opts.sharding, device, topo.ranks_per_host, count_comm
     )
     if weights is not None:
         copy_table_weights(wrapped, weights)
     optimizer = dense_and_fused_optimizer(
-        wrapped, [wrapped.fused_optimizer], opts.dense_optimizer, opts.lr
+        wrapped, [wrapped.fused_optimizer], opts.dense_optimizer, opts.lr, opts.weight_decay
     )
     return Built(wrapped, optimizer, device, topo)

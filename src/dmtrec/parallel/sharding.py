@@ -54,18 +54,37 @@ class CountingDataParallelWrapper(DefaultDataParallelWrapper):
             count_ddp(dmp._dmp_wrapped_module)
 
 
-def add_fused_embedding_optimizer(ebc: nn.Module, name: str, lr: float) -> None:
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam", "rowwise_adam")
+
+
+def add_fused_embedding_optimizer(
+    ebc: nn.Module, name: str, lr: float, device: torch.device | None = None
+) -> None:
     """Attach the sparse optimizer TorchRec fuses into the TBE backward (applied in backward).
 
     ``rowwise_adagrad`` is what DLRM/Wukong train with; ``sgd`` makes equivalence tests exact
-    (weight change = -lr * gradient).
+    (weight change = -lr * gradient); ``adam`` and ``rowwise_adam`` (fbgemm's partial
+    row-wise Adam) exist in fbgemm's CUDA kernels only.
     """
-    if name == "rowwise_adagrad":
-        apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": lr, "eps": 1e-8})
-    elif name == "sgd":
-        apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": lr})
-    else:
-        raise ConfigError(f"--sparse-optimizer: unknown {name!r}; choose rowwise_adagrad or sgd")
+    from torchrec.optim import PartialRowWiseAdam
+
+    classes = {
+        "rowwise_adagrad": (RowWiseAdagrad, {"lr": lr, "eps": 1e-8}),
+        "sgd": (torch.optim.SGD, {"lr": lr}),
+        "adam": (torch.optim.Adam, {"lr": lr}),
+        "rowwise_adam": (PartialRowWiseAdam, {"lr": lr}),
+    }
+    if name not in classes:
+        raise ConfigError(
+            f"--sparse-optimizer: unknown {name!r}; choose from {', '.join(SPARSE_OPTIMIZERS)}"
+        )
+    if name in ("adam", "rowwise_adam") and (device is None or device.type != "cuda"):
+        raise ConfigError(
+            f"--sparse-optimizer {name} needs CUDA: fbgemm's CPU kernels offer rowwise_adagrad "
+            "and sgd"
+        )
+    cls, kwargs = classes[name]
+    apply_optimizer_in_backward(cls, ebc.parameters(), kwargs)
 
 
 def shard(
@@ -138,18 +157,22 @@ def _placements_to_global(plan, group_ranks: list[int]) -> None:
 
 
 def dense_and_fused_optimizer(
-    model: nn.Module, fused: list, dense_opt: str, lr: float
+    model: nn.Module, fused: list, dense_opt: str, lr: float, weight_decay: float = 0.0
 ) -> CombinedOptimizer:
-    """One optimizer object for checkpoints: the fused sparse ones plus Adam/SGD on the rest."""
+    """One optimizer object for checkpoints: the fused sparse ones plus Adam(W)/SGD on the rest."""
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
     opts: list = list(fused)
     if dense:
-        if dense_opt == "adam":
-            make = lambda ps: torch.optim.Adam(ps, lr=lr)  # noqa: E731
-        elif dense_opt == "sgd":
-            make = lambda ps: torch.optim.SGD(ps, lr=lr)  # noqa: E731
-        else:
-            raise ConfigError(f"--dense-optimizer: unknown {dense_opt!r}; choose adam or sgd")
+        classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        if dense_opt not in classes:
+            raise ConfigError(
+                f"--dense-optimizer: unknown {dense_opt!r}; choose from {', '.join(classes)}"
+            )
+        cls = classes[dense_opt]
+
+        def make(ps):
+            return cls(ps, lr=lr, weight_decay=weight_decay)
+
         opts.append(KeyedOptimizerWrapper(dense, make))
     return CombinedOptimizer(opts)
 

@@ -29,7 +29,7 @@ from torchrec.distributed.dist_data import KJTAllToAll
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dmtrec.errors import ConfigError
-from dmtrec.models.common import make_ebc, stack_pooled, table_sizes
+from dmtrec.models.common import embedding_l2, make_ebc, stack_pooled, table_sizes
 from dmtrec.models.dmt import MultiTower
 from dmtrec.observe.comm import count_ddp
 from dmtrec.parallel.sharding import add_fused_embedding_optimizer, copy_table_weights, shard
@@ -96,13 +96,20 @@ class _ScaleGrad(torch.autograd.Function):
 class HostTowers(nn.Module):
     """The tower modules of one host, applied to that host's pooled embeddings."""
 
-    def __init__(self, towers: list[list[str]], modules: list[nn.Module]) -> None:
+    def __init__(
+        self, towers: list[list[str]], modules: list[nn.Module], embedding_l2: float = 0.0
+    ) -> None:
         super().__init__()
         self.towers = towers
         self.tms = nn.ModuleList(modules)
+        self.embedding_l2 = embedding_l2
 
     def forward(self, pooled: KeyedTensor) -> torch.Tensor:
-        outs = [tm(stack_pooled(pooled, feats)) for tm, feats in zip(self.tms, self.towers)]
+        lam = self.embedding_l2  # on the H*B samples this host serves (see models.common)
+        outs = [
+            tm(embedding_l2(stack_pooled(pooled, feats), lam))
+            for tm, feats in zip(self.tms, self.towers)
+        ]
         return torch.cat(outs, dim=1)  # (H*B) x n_host x D
 
 
@@ -143,7 +150,7 @@ class SPTT(nn.Module):
         # 2. this host's tables, sharded over its ranks, starting from the reference weights
         self.dim = dim = model.ebc.embedding_bag_configs()[0].embedding_dim
         ebc = make_ebc(sizes, dim, host_features[self.host], device="meta")
-        add_fused_embedding_optimizer(ebc, sparse_optimizer, sparse_lr)
+        add_fused_embedding_optimizer(ebc, sparse_optimizer, sparse_lr, device)
         self.host_sparse = shard(
             ebc, [ebc], groups.intra, sharding_type, device, topo.ranks_per_host, count_comm
         )
@@ -152,7 +159,7 @@ class SPTT(nn.Module):
         # 3. this host's tower modules, replicated in the host
         mine = host_towers[self.host]
         towers_mod = HostTowers(
-            [towers[k] for k in mine], [model.tower_modules[k] for k in mine]
+            [towers[k] for k in mine], [model.tower_modules[k] for k in mine], model.embedding_l2
         ).to(device)
         if any(p.requires_grad for p in towers_mod.parameters()):
             towers_mod = DistributedDataParallel(

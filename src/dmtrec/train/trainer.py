@@ -25,14 +25,14 @@ import torch
 import torch.distributed as dist
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-from dmtrec.data import DataConfig, load_data, shard_rows
+from dmtrec.data import DataConfig, load_data
 from dmtrec.errors import ConfigError, DataError
 from dmtrec.models import ModelConfig
 from dmtrec.observe.comm import CommCounter
 from dmtrec.options import option
 from dmtrec.parallel.build import PARALLEL, Built, build
 from dmtrec.parallel.launch import synchronize
-from dmtrec.parallel.sharding import SHARDING_TYPES
+from dmtrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from dmtrec.train.metrics import quality
 from dmtrec.train.step import train_step
 
@@ -50,13 +50,23 @@ class TrainConfig:
     lr: float = option(1e-3, "dense optimizer learning rate", minimum=0)
     sparse_lr: float = option(0.05, "embedding (fused optimizer) learning rate", minimum=0)
     dense_optimizer: str = option(
-        "adam", "optimizer of the dense parameters", choices=("adam", "sgd")
+        "adam", "optimizer of the dense parameters", choices=("adam", "adamw", "sgd")
     )
     sparse_optimizer: str = option(
         "rowwise_adagrad",
-        "optimizer fused into the embedding backward",
-        choices=("rowwise_adagrad", "sgd"),
+        "optimizer fused into the embedding backward (adam/rowwise_adam: CUDA only, fbgemm's "
+        "CPU kernels have rowwise_adagrad and sgd)",
+        choices=SPARSE_OPTIMIZERS,
     )
+    weight_decay: float = option(
+        0.0, "dense parameters' weight decay (adam/sgd: L2 in the gradient; adamw: decoupled)",
+        minimum=0,
+    )  # fmt: skip
+    lr_warmup_steps: int = option(0, "linear learning-rate warm-up over N steps", minimum=0)
+    lr_decay: str = option(
+        "none", "learning-rate decay after the warm-up", choices=("none", "cosine", "linear")
+    )
+    lr_decay_steps: int = option(0, "steps the decay takes to reach 0 (with --lr-decay)", minimum=0)
     eval_batch_size: int = option(2048, "examples per evaluation batch per rank", minimum=1)
     eval_every: int = option(0, "also evaluate valid every N steps (0: once per epoch)", minimum=0)
     monitor: str = option(
@@ -106,8 +116,19 @@ class TrainConfig:
             raise ConfigError(f"--monitor: unknown {self.monitor!r}; choose from auc, logloss")
         if self.early_stop_patience < 0:
             raise ConfigError("--early-stop-patience must be >= 0")
+        if self.lr_decay != "none" and self.lr_decay_steps < 1:
+            raise ConfigError(f"--lr-decay {self.lr_decay} needs --lr-decay-steps >= 1")
         if self.parallel == "none" and self.hosts * self.ranks_per_host != 1:
             raise ConfigError("--hosts/--ranks-per-host need --parallel baseline or dmt")
+
+
+def lr_factor(step: int, tcfg: TrainConfig) -> float:
+    """Learning-rate multiplier of step ``step`` (0-based): linear warm-up, then decay."""
+    f = min(1.0, (step + 1) / tcfg.lr_warmup_steps) if tcfg.lr_warmup_steps else 1.0
+    if tcfg.lr_decay != "none":
+        t = min(1.0, max(0.0, (step - tcfg.lr_warmup_steps) / tcfg.lr_decay_steps))
+        f *= 0.5 * (1 + math.cos(math.pi * t)) if tcfg.lr_decay == "cosine" else 1.0 - t
+    return f
 
 
 class EarlyStopping:
@@ -140,8 +161,10 @@ class EarlyStopping:
 
 
 def local_batches(data, split: str, global_batch: int, rank: int, world: int, epoch: int = 0):
-    """This rank's slice of each global batch of ``split`` (same global order on any world)."""
-    return shard_rows(data.batches(split, global_batch, epoch=epoch), rank, world)
+    """This rank's slice of each global batch of ``split``: the source parses only these rows,
+    and the global batches are the same whatever the world size (a function of the data and
+    the seed; train is reshuffled every epoch)."""
+    return data.batches(split, global_batch, epoch=epoch, rank=rank, world_size=world)
 
 
 def _checkpoint_dir(out: str) -> Path:
@@ -303,12 +326,18 @@ class _Loop:
         steps_timed, examples, train_s = 0, 0, 0.0
         global_bs = tcfg.batch_size * self.world
         stop = False
+        scheduled = bool(tcfg.lr_warmup_steps or tcfg.lr_decay != "none")
+        base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         for epoch in range(st["epoch"], tcfg.epochs):
             batches = local_batches(self.data, "train", global_bs, self.rank, self.world, epoch)
             for i, batch in enumerate(batches):
                 if i < st["step_in_epoch"]:
                     continue  # resume: skip what the checkpoint already trained on
                 batch = batch.to(self.device)
+                if scheduled:  # dense and fused groups (TBE reads its lr at each step)
+                    f = lr_factor(st["step"], tcfg)
+                    for group, base in zip(self.optimizer.param_groups, base_lrs):
+                        group["lr"] = base * f
                 t0 = time.perf_counter()
                 loss, _ = train_step(self.model, self.optimizer, batch, observer=self.counter)
                 value = float(loss)  # also waits for the device
