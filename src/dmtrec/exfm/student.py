@@ -168,7 +168,7 @@ def train_student(
             all_logits.append(logits)
             all_labels.append(labels)
             if oracle:
-                prob = torch.from_numpy(rows["oracle_prob"].to_numpy())
+                prob = torch.tensor(rows["oracle_prob"].to_numpy())
                 oracle_ne.append(quality(prob_logit(prob.double()), labels)["ne"])
         for batch, ex in wb(optim.batch_size):
             teacher = None if kd == "none" else TeacherTargets(ex["fm_prob"], ex["mask"])

@@ -34,7 +34,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dmtrec.errors import ConfigError
-from dmtrec.models.common import FlatModel, stack_pooled
+from dmtrec.models.common import FlatModel
 from dmtrec.options import option
 
 KD_MODES = ("none", "plain", "aux", "aux_sa")
@@ -118,18 +118,19 @@ class VMOutput(NamedTuple):
 
 
 def _split_last_layer(head: nn.Module) -> nn.Linear:
-    """Take the last ``Linear`` (hidden -> 1 logit) out of a head's ``OverArch`` in place.
+    """Take the last ``Linear`` (hidden -> 1 logit) out of a head's top MLP in place.
 
-    After this the head returns its last hidden layer (B x H): the trunk's output.
+    The top MLP is ``head.over_arch``: TorchRec's ``OverArch`` (layers in ``.model``) or a
+    plain ``nn.Sequential``. Afterwards the head returns its last hidden layer (B x H).
     """
     over = getattr(head, "over_arch", None)
-    layers = getattr(over, "model", None)
-    if not isinstance(layers, nn.Sequential) or not isinstance(layers[-1], nn.Linear):
+    layers = getattr(over, "model", over)
+    last = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
+    if not isinstance(last, nn.Linear) or last.out_features != 1:
         raise ConfigError(
             f"an ExFM VM needs a model with a top MLP (dlrm, dcn, wukong); "
             f"{type(head).__name__} has none"
         )
-    last = layers[-1]
     layers[-1] = nn.Identity()
     return last
 
@@ -138,27 +139,30 @@ class VerticalModel(nn.Module):
     """A VM: shared trunk -> serving head (true labels) + distillation heads (teacher labels).
 
     Built from a flat dmtrec model (``build_model`` with ``towers=None``): the model's last
-    ``Linear`` becomes the serving head, each distillation head is a fresh ``Linear`` of the
-    same shape on the same trunk output, behind ``grad_scale(., beta)``. ``ebc`` stays an
-    attribute so the model distributes like any flat model (TorchRec DMP, fused optimizer).
+    ``Linear`` becomes the serving head and the rest of the model, run by its own forward,
+    is the trunk; each distillation head is a fresh ``Linear`` of the serving head's shape on
+    the trunk output, behind ``grad_scale(., beta)``. ``ebc`` (the trunk's tables) is what
+    the distributed build shards and gives the fused optimizer, as for any flat model.
     """
 
     def __init__(self, flat: FlatModel, num_distill_heads: int, beta: float = 1.0) -> None:
         super().__init__()
         if num_distill_heads not in (0, 1, 2):
             raise ValueError(f"num_distill_heads must be 0, 1 or 2, got {num_distill_heads}")
-        self.ebc = flat.ebc
-        self.features = list(flat.features)
-        self.trunk = flat.head
-        self.serving = _split_last_layer(self.trunk)
+        self.serving = _split_last_layer(flat.head)
+        self.trunk = flat
         self.distill = nn.ModuleList(
             nn.Linear(self.serving.in_features, 1) for _ in range(num_distill_heads)
         )
         self.beta = float(beta)
 
+    @property
+    def ebc(self) -> nn.Module:
+        return self.trunk.ebc
+
     def trunk_output(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """B x H: the last hidden layer both kinds of head read."""
-        z = self.trunk(dense, stack_pooled(self.ebc(sparse), self.features))
+        z = self.trunk(dense, sparse)
         return z.unsqueeze(-1) if z.dim() == 1 else z
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> VMOutput:
