@@ -222,13 +222,15 @@ def test_run_quality_writes_schema_and_reuses_runs(tmp_path, monkeypatch):
         if "--cr" in args and args[args.index("--cr") + 1] == "4":
             raise q.RunFailed("exit 2: dmtrec: error: --cr 4 does not divide the tower width")
         out.mkdir(parents=True, exist_ok=True)
-        metrics = {"auc": 0.7 + seed / 100, "logloss": 0.5, "config": {"train": {"epochs": 1}}}
+        metrics = {"auc": 0.7 + seed / 100, "logloss": 0.5, "best_epoch": seed, "best_step": 9}
+        if seed == 1:
+            metrics = {"auc": 0.71, "logloss": 0.5, "config": {"train": {"epochs": 3}}}
         (out / "metrics.json").write_text(json.dumps(metrics))
         return 2.0
 
     monkeypatch.setattr(q, "_run", fake_run)
     monkeypatch.setattr(q._Bench, "has_threads", lambda self: False)
-    opts = dict(datasets="movielens100k", models="dmtrec_dlrm,dmtrec_dmt", cr_sweep="1,4")
+    opts = dict(datasets="movielens100k", models="dmtrec_dlrm,dmtrec_dmt", cr_sweep="1,2,4")
     result = q.bench_quality(str(tmp_path / "out"), seeds=2, **opts, log=lambda s: None)
     written = json.loads((tmp_path / "out" / "bench_quality.json").read_text())
     assert written == json.loads(json.dumps(result))
@@ -237,12 +239,35 @@ def test_run_quality_writes_schema_and_reuses_runs(tmp_path, monkeypatch):
     for m in models.values():
         assert {"auc_mean", "auc_std", "logloss_mean", "seconds"} <= set(m)
         assert m["auc_mean"] == pytest.approx(0.705)
-        assert [(r["seed"], r["best_epoch"]) for r in m["runs"]] == [(0, 1), (1, 1)]
+        # 0-based trainer epoch -> 1-based passes; an old trainer's metrics: --epochs
+        assert [(r["seed"], r["best_epoch"]) for r in m["runs"]] == [(0, 1), (1, 3)]
     sweep = written["datasets"]["movielens100k"]["cr_sweep"]
     assert sweep["1"]["auc_mean"] == pytest.approx(0.705)
+    assert sweep["2"] == models["dmtrec_dmt"]  # CR=2 is dmtrec_dmt's runs, not run twice
+    assert len(calls) == 8  # 2 seeds x (dlrm, dmt, CR=1, CR=4)
     assert sweep["4"]["error"].startswith("exit 2: dmtrec: error: --cr 4")
     dmt_args = calls[2]
     assert " ".join(dmt_args[dmt_args.index("--model") :]).startswith(q.DMT_ARGS + " --cr 2")
     n = len(calls)
     q.bench_quality(str(tmp_path / "out"), seeds=2, **opts, log=lambda s: None)
     assert len(calls) - n == 2  # only the failed CR=4 runs are retried
+
+
+def test_multi_hot_field_is_a_bag_in_both_libraries(tmp_path):
+    data = q.Prepared(
+        "movielens100k",
+        {s: f"{s}.csv" for s in ("train", "valid", "test")},
+        [],
+        ["user", "genres"],
+        {},
+        {},
+        multi_hot=["genres"],
+    )
+    cmd = q.dmtrec_command(data, "--model dlrm", 0, "o", q.QualityConfig(), has_threads=False)
+    assert cmd[cmd.index("--multi-hot") + 1] == "genres" and "--dense" not in cmd
+    job = q.fuxictr_job(data, "fuxictr_dlrm", 0, tmp_path, q.QualityConfig(), tmp_path)
+    assert job["params"]["feature_cols"] == [
+        {"name": ["user"], "active": True, "dtype": "str", "type": "categorical"},
+        {"name": "genres", "active": True, "dtype": "str", "type": "sequence", "splitter": "|"},
+    ]
+    assert job["params"]["dataset_id"] == "movielens100k_genres_multihot"  # own encoded cache

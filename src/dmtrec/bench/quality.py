@@ -65,7 +65,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,12 @@ class QualityConfig:
         "adult's numeric columns: log1p then train z-score, or raw",
         choices=("log-standard", "raw"),
     )
+    genres: str = option(
+        "multi-hot",
+        "movielens genres: a multi-hot bag (dmtrec --multi-hot, FuxiCTR sequence field) or "
+        "the joined string as one categorical value",
+        choices=("multi-hot", "joined"),
+    )
     dmt_cr: int = option(2, "CR of the dmtrec_dmt model", choices=CRS)
     epochs: int = option(0, "dmtrec --epochs (0: dmtrec train's default)", minimum=0)
     train_args: str = option("", "extra dmtrec train options for every dmtrec run (a sweep)")
@@ -270,9 +276,10 @@ class Prepared:
     name: str
     paths: dict[str, str]  # split -> CSV
     dense: list[str]
-    sparse: list[str]
+    sparse: list[str]  # every sparse column, multi-hot ones included
     rows: dict[str, int]
     positive_rate: dict[str, float]
+    multi_hot: list[str] = field(default_factory=list)  # sparse columns holding "a|b|c" bags
 
 
 def movielens_table(ratings, users, items):
@@ -453,7 +460,8 @@ def prepare(name: str, cfg: QualityConfig) -> Prepared:
         y = pacsv.read_csv(p, convert_options=pacsv.ConvertOptions(include_columns=[LABEL]))
         labels = np.asarray(y.column(LABEL).to_numpy())
         rows[s], pos[s] = int(labels.size), float(labels.mean())
-    return Prepared(name, paths, dense, sparse, rows, pos)
+    multi_hot = ["genres"] if name == "movielens100k" and cfg.genres == "multi-hot" else []
+    return Prepared(name, paths, dense, sparse, rows, pos, multi_hot)
 
 
 # -- runs -----------------------------------------------------------------------------------
@@ -490,6 +498,8 @@ def dmtrec_command(
     ]
     if data.dense:
         cmd += ["--dense", ",".join(data.dense)]
+    if data.multi_hot:
+        cmd += ["--multi-hot", ",".join(data.multi_hot)]  # separator "|", dmtrec's default
     cmd += shlex.split(model_args) + ["--seed", str(seed), "--out", out, "--no-progress"]
     if cfg.epochs:
         cmd += ["--epochs", str(cfg.epochs)]
@@ -502,7 +512,14 @@ def fuxictr_job(
     data: Prepared, model: str, seed: int, run_dir: Path, cfg: QualityConfig, data_root: Path
 ) -> dict[str, Any]:
     """The runner's job: FuxiCTR params (common + BARS config + this data set) and paths."""
-    feature_cols = [{"name": data.sparse, "active": True, "dtype": "str", "type": "categorical"}]
+    categorical = [c for c in data.sparse if c not in data.multi_hot]
+    feature_cols: list[dict[str, Any]] = [
+        {"name": categorical, "active": True, "dtype": "str", "type": "categorical"}
+    ]
+    feature_cols += [
+        {"name": c, "active": True, "dtype": "str", "type": "sequence", "splitter": "|"}
+        for c in data.multi_hot
+    ]
     if data.dense:
         feature_cols.append(
             {"name": data.dense, "active": True, "dtype": "float", "type": "numeric"}
@@ -510,7 +527,7 @@ def fuxictr_job(
     params = {
         **FUXICTR_COMMON,
         **{k: v for k, v in FUXICTR_CONFIGS[model].items() if k != "model"},
-        "dataset_id": data.name,
+        "dataset_id": data.name + "".join(f"_{c}_multihot" for c in data.multi_hot),
         "data_root": str(data_root),
         "data_format": "csv",
         "train_data": data.paths["train"],
@@ -560,21 +577,29 @@ def _thread_env(threads: int) -> dict[str, str]:
 
 
 def dmtrec_record(metrics: dict[str, Any], seed: int, seconds: float) -> dict[str, Any]:
-    """A per-run record from dmtrec's ``metrics.json`` (``best_epoch`` when the trainer reports
-    it, else the last epoch: today's trainer evaluates only at the end)."""
-    epochs = metrics.get("config", {}).get("train", {}).get("epochs")
+    """A per-run record from dmtrec's ``metrics.json``. ``best_epoch`` counts passes (1-based,
+    as FuxiCTR's): the trainer's 0-based ``best_epoch`` + 1, or ``--epochs`` from a trainer
+    that evaluates only at the end."""
+    best = metrics.get("best_epoch")
+    if best is None:
+        best = metrics.get("config", {}).get("train", {}).get("epochs")
+    else:
+        best += 1
     rec = {
         "seed": seed,
         "auc": float(metrics["auc"]),
         "logloss": float(metrics["logloss"]),
         "seconds": seconds,
-        "best_epoch": metrics.get("best_epoch", epochs),
-        "eval_split": metrics.get("eval_split"),
+        "best_epoch": best,
+        "best_step": metrics.get("best_step"),
         "steps": metrics.get("steps"),
+        "eval_split": metrics.get("eval_split"),
     }
     if isinstance(metrics.get("valid"), dict):
         rec["valid_auc"] = metrics["valid"].get("auc")
         rec["valid_logloss"] = metrics["valid"].get("logloss")
+    if metrics.get("history"):
+        rec["epochs_run"] = 1 + max(h.get("epoch", 0) for h in metrics["history"])
     return rec
 
 
@@ -822,9 +847,13 @@ def run_quality(cfg: QualityConfig, log: Callable[[str], None] = print) -> dict[
                 rec = one(name, data, model, seed, dmtrec_model_args(model, cfg))
                 records[name].setdefault(model, []).append(rec)
                 flush()
+        done = {r["seed"]: r for r in records[name].get("dmtrec_dmt", [])}
         for cr in crs:
             for seed in range(cfg.cr_seeds or cfg.seeds):
-                rec = one(name, data, f"dmt_cr{cr}", seed, f"{DMT_ARGS} --cr {cr}")
+                if cr == cfg.dmt_cr and seed in done:  # the same run as dmtrec_dmt's
+                    rec = done[seed]
+                else:
+                    rec = one(name, data, f"dmt_cr{cr}", seed, f"{DMT_ARGS} --cr {cr}")
                 sweeps[name].setdefault(cr, []).append(rec)
                 flush()
     return result
