@@ -186,6 +186,47 @@ def run_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- evaluate / predict -----------------------------------------------------------------------
+def _config_command(help_line: str, cls_path: str, run: Callable[[Any], int]) -> Command:
+    """A command whose options are one dataclass (``module:Class``)."""
+    import importlib
+
+    def load() -> type:
+        module, name = cls_path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def add(p: argparse.ArgumentParser) -> Registry:
+        reg = Registry()
+        add_dataclass(p, load(), reg, title="options")
+        return reg
+
+    return Command(help_line, add, lambda args: run(from_args(load(), args)))
+
+
+def run_evaluate(cfg: Any) -> int:
+    from dmtrec.train.inference import evaluate_saved
+
+    if not cfg.model:
+        raise ConfigError("--model DIR is required")
+    m = evaluate_saved(cfg.model, cfg.test, cfg.out, cfg.batch_size)
+    print(
+        f"auc={m['auc']:.4f} logloss={m['logloss']:.4f} ne={m['ne']:.4f} "
+        f"examples={m['eval_examples']}"
+    )
+    print(f"wrote {Path(cfg.out) / 'metrics.json'}")
+    return 0
+
+
+def run_predict(cfg: Any) -> int:
+    from dmtrec.train.inference import predict
+
+    if not cfg.model or not cfg.input:
+        raise ConfigError("--model DIR and --input FILE are required")
+    rows = predict(cfg.model, cfg.input, cfg.output, cfg.batch_size)
+    print(f"wrote {rows} predictions to {cfg.output}")
+    return 0
+
+
 # -- demo -------------------------------------------------------------------------------------
 def add_demo(p: argparse.ArgumentParser) -> Registry:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -313,6 +354,16 @@ COMMANDS: dict[tuple[str, ...], Command] = {
     ),
     ("partition",): Command(
         "feature-to-tower partition; writes OUT/towers.json", add_partition, run_partition
+    ),
+    ("evaluate",): _config_command(
+        "metrics of a saved model (OUT/model) on labelled data; writes OUT/metrics.json",
+        "dmtrec.train.inference:EvaluateConfig",
+        run_evaluate,
+    ),
+    ("predict",): _config_command(
+        "one probability per input row from a saved model; writes --output",
+        "dmtrec.train.inference:PredictConfig",
+        run_predict,
     ),
     ("demo",): Command(
         "flat vs hybrid-parallel baseline vs DMT on synthetic data; writes OUT/demo.json",

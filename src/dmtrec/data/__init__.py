@@ -69,8 +69,11 @@ class DataConfig:
     )
 
 
-def load_data(cfg: DataConfig):
-    """Open the data source ``cfg`` describes; errors name the offending option."""
+def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None):
+    """Open the data source ``cfg`` describes; errors name the offending option.
+
+    ``vocab_values`` (a saved model's column vocabularies) makes a csv/parquet source encode
+    with them instead of counting a train split (which it then does not need)."""
     if cfg.pooling_mode not in POOLING_MODES:
         raise ConfigError(f"--pooling-mode must be sum or mean, not {cfg.pooling_mode!r}")
     if cfg.kind == "synthetic":
@@ -81,7 +84,12 @@ def load_data(cfg: DataConfig):
         return data
     if cfg.kind not in DATA_KINDS:
         raise ConfigError(f"--data: unknown kind {cfg.kind!r}; choose from {', '.join(DATA_KINDS)}")
-    if not cfg.train:
+    # a train split is what vocabularies are counted on (csv/parquet) and what a store is;
+    # Criteo hashing, or saved vocabularies, can read an evaluation split alone
+    counts_vocab = cfg.kind in ("csv", "parquet") and vocab_values is None
+    if not cfg.train and (
+        counts_vocab or cfg.kind == "preprocessed" or not (cfg.valid or cfg.test)
+    ):
         raise ConfigError(f"--data {cfg.kind} needs --train PATH")
     if cfg.kind == "preprocessed":
         from dmtrec.data.preprocessed import PreprocessedData
@@ -132,6 +140,7 @@ def load_data(cfg: DataConfig):
         block_bytes=block_bytes,
         pooling=cfg.pooling_mode,
         progress_every=cfg.progress_every,
+        vocab_values=vocab_values,
     )
 
 

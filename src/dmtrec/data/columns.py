@@ -316,7 +316,7 @@ class ColumnTable:
         unknown = sorted(set(paths) - set(SPLITS))
         if unknown:
             raise ConfigError(f"unknown split {unknown[0]!r}; use one of {', '.join(SPLITS)}")
-        if "train" not in paths:
+        if "train" not in paths and vocab_values is None:
             raise ConfigError("a train file is required: the vocabularies are built on it")
         if not sparse:
             raise ConfigError("name at least one sparse column")
@@ -361,7 +361,10 @@ class ColumnTable:
         # Open every file now: a missing file or column fails before the long pass.
         self._files = {s: self._open(s) for s in self.paths}
         listed = {
-            c for f in self._files["train"] if isinstance(f, _ParquetFile) for c in f.list_columns
+            c
+            for f in self._files.get("train", [])
+            if isinstance(f, _ParquetFile)
+            for c in f.list_columns
         }
         self._multi = [c in multi_hot or c in listed for c in sparse]
 
@@ -424,15 +427,18 @@ class ColumnTable:
         epoch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        start_step: int = 0,
     ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``)."""
+        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``),
+        from global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are
+        not parsed)."""
         if split not in self.paths:
             raise ConfigError(f"no file given for split {split!r}")
         check_shard_args(global_batch_size, rank, world_size)
         stats = self.stats[split] = DataStats()
         shuffle = self.shuffle and split == "train"
         blocks = self._blocks(split, epoch, BadRows(stats, self.max_bad_rows), shuffle)
-        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats)
+        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
         return (r.to_batch(self.sparse) for r in rows)
 
     def to_rows(self, raw: RawColumns) -> Rows:

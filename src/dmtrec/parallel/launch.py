@@ -112,7 +112,7 @@ KNOWN_NOISE = (
     (DeprecationWarning, r"\x1b\[93m"),  # fbgemm's coloured notices of its legacy op names
 )
 # Python loggers whose WARNING records are planner advice about dry runs (not our case).
-NOISY_LOGGERS = ("torchrec.distributed.planner",)
+NOISY_LOGGERS = ("torchrec.distributed.planner", "torch.fx._symbolic_trace")
 
 
 def quiet_libraries() -> None:

@@ -49,7 +49,8 @@ class PartitionConfig:
     method: str = option("learned", "how to partition", choices=METHODS)
     interaction: str = option(
         "fwfm",
-        "learned: the interaction measure S",
+        "learned: the interaction measure S (was --interaction; that name is DLRM's now)",
+        flag="interaction-measure",
         choices=("fwfm", "mixed", "dot", "attribution"),
     )
     cost: str = option(

@@ -11,7 +11,6 @@ hold model, optimizer state and the data position, so ``resume`` continues bit-e
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -160,6 +159,37 @@ class EarlyStopping:
         return self.patience > 0 and self.bad >= self.patience
 
 
+def capture_state(model: torch.nn.Module) -> dict[str, Any]:
+    """A copy of this rank's part of ``model``'s state (sharded tables: the local shards).
+
+    Local tensors, not ``ShardedTensor`` objects: those refuse to unpickle in a sub-group
+    whose ranks differ from the world's (SPTT's host groups)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            out[key] = [s.tensor.detach().clone() for s in value.local_shards()]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def restore_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Copy ``capture_state``'s values back into ``model`` in place (same topology)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in model.state_dict().items():
+        if key not in state:
+            continue
+        if isinstance(value, ShardedTensor):
+            for s, saved in zip(value.local_shards(), state[key]):
+                s.tensor.copy_(saved)
+        elif isinstance(value, torch.Tensor):
+            value.copy_(state[key])
+
+
 def local_batches(data, split: str, global_batch: int, rank: int, world: int, epoch: int = 0):
     """This rank's slice of each global batch of ``split``: the source parses only these rows,
     and the global batches are the same whatever the world size (a function of the data and
@@ -218,6 +248,9 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         result = _Loop(data, built, None, tcfg, rank, world).run()
         result.pop("steps_timed")
         comm = None
+    from dmtrec.train.artifact import save_model
+
+    save_model(tcfg.out, built.model, mcfg, dcfg, data, asdict(tcfg))  # the best state
     if rank != 0:
         return {}
     topo = built.topology
@@ -261,7 +294,7 @@ class _Loop:
             "best": None, "best_epoch": None, "best_step": None, "bad_evals": 0,
         }  # fmt: skip
         self.stopper = EarlyStopping(tcfg.monitor, tcfg.early_stop_patience)
-        self.best_blob: bytes | None = None
+        self.best_state: dict[str, Any] | None = None
         self.writer = None
         self.has_valid = "valid" in data.splits
 
@@ -293,9 +326,7 @@ class _Loop:
         st["history"].append({"epoch": epoch, "step": st["step"], **m, "best": improved})
         if improved:
             st["best"], st["best_epoch"], st["best_step"] = self.stopper.best, epoch, st["step"]
-            buf = io.BytesIO()
-            torch.save(self.model.state_dict(), buf)
-            self.best_blob = buf.getvalue()
+            self.best_state = capture_state(self.model)
         if self.rank == 0:
             mark = " *" if improved else ""
             print(
@@ -383,8 +414,8 @@ class _Loop:
         _save(tcfg.out, self.rank, _snapshot(self.built, st))  # where training stopped
         if self.counter is not None:
             self.counter.enabled = False  # per-step accounting covers training steps only
-        if self.best_blob is not None:  # evaluate the best validation point, not the last step
-            self.model.load_state_dict(torch.load(io.BytesIO(self.best_blob), weights_only=False))
+        if self.best_state is not None:  # evaluate the best validation point, not the last step
+            restore_state(self.model, self.best_state)
         split = "test" if "test" in self.data.splits else "valid"
         if split not in self.data.splits:
             raise ConfigError("no --valid or --test data to evaluate on")
