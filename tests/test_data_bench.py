@@ -60,3 +60,14 @@ def test_bench_data_writes_the_json_it_promises(tmp_path):
     assert saved["preprocess"]["torch_imported"] is False
     assert saved["sharded"]["criteo_tsv_rank_of_4"]["rows_parsed"] == 1_500
     assert not (tmp_path / "bench_data_files").exists()  # the generated files are removed
+
+
+def test_the_bench_config_has_exactly_bench_data_options():
+    import dataclasses
+    import inspect
+
+    from dmtrec.bench.data import DataBenchConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(DataBenchConfig)}
+    params = inspect.signature(bench_data).parameters
+    assert fields == {n: p.default for n, p in params.items() if n != "out"}

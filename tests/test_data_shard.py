@@ -84,8 +84,7 @@ def check_world_size_independent(source, split: str, g: int, world: int, epoch: 
     """Every step's global batch on ``world`` ranks equals the 1-rank batch; returns steps."""
     one = list(source.batches(split, g, epoch=epoch))
     ranks = [
-        list(source.batches(split, g, epoch=epoch, rank=r, world_size=world))
-        for r in range(world)
+        list(source.batches(split, g, epoch=epoch, rank=r, world_size=world)) for r in range(world)
     ]
     assert [len(r) for r in ranks] == [len(one)] * world  # every rank: the same steps
     for k, batch in enumerate(one):
@@ -138,7 +137,9 @@ def test_the_final_partial_global_batch_is_cut_to_a_multiple_of_the_world_size(t
     reader = CriteoTSV({"valid": [path]}, table_size=TABLE)
     one = [row_ids(b) for b in reader.batches("valid", 32)]
     assert one == [list(range(32)), list(range(32, 64)), list(range(64, 70))]
-    ranks = [[row_ids(b) for b in reader.batches("valid", 32, rank=r, world_size=4)] for r in (0, 3)]
+    ranks = [
+        [row_ids(b) for b in reader.batches("valid", 32, rank=r, world_size=4)] for r in (0, 3)
+    ]
     # 6 final rows on 4 ranks: 1 each (rows 64..67), rows 68, 69 are left out
     assert ranks[0] == [list(range(0, 8)), list(range(32, 40)), [64]]
     assert ranks[1] == [list(range(24, 32)), list(range(56, 64)), [67]]
@@ -279,3 +280,26 @@ def test_a_bad_row_keeps_every_slice_full_on_several_ranks(tmp_path):
     r2 = [row_ids(b) for b in reader.batches("valid", 16, rank=2, world_size=4)]
     assert r2 == [[0, 0, 0, 0]] and reader.stats["valid"].skipped == 4
     assert reader.stats["valid"].parsed == 4  # the search parse is not counted as its share
+
+
+def test_a_resumed_epoch_starts_at_its_step_without_parsing_the_steps_before(
+    tmp_path, criteo_split
+):
+    reader = CriteoTSV(
+        {"train": criteo_split}, table_size=TABLE, shuffle=True, seed=9, block_bytes=4096
+    )
+    whole = [row_ids(b) for b in reader.batches("train", 64, epoch=2, rank=1, world_size=4)]
+    resumed = list(reader.batches("train", 64, epoch=2, rank=1, world_size=4, start_step=20))
+    assert [row_ids(b) for b in resumed] == whole[20:]
+    assert reader.stats["train"].parsed == 5 * 16  # 5 steps x 16 rows: nothing before step 20
+    preprocess(
+        PreprocessConfig(
+            kind="criteo", train=criteo_split, out=str(tmp_path / "s"), progress_every=0
+        )
+    )
+    store = PreprocessedData(str(tmp_path / "s"), shuffle=True, block_rows=128)
+    whole = [b.labels for b in store.batches("train", 64, epoch=1)]
+    resumed = [b.labels for b in store.batches("train", 64, epoch=1, start_step=7)]
+    assert len(resumed) == len(whole) - 7
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole[7:], strict=True))
+    assert list(store.batches("train", 64, start_step=10**6)) == []

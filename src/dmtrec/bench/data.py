@@ -33,10 +33,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dmtrec.options import option
 
 GOALS = {
     "criteo_tsv_rows_per_s": 300_000,
@@ -50,6 +53,24 @@ CARDINALITIES = [
 ]  # fmt: skip
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _CHUNK = 250_000
+
+
+@dataclass
+class DataBenchConfig:
+    """Options of ``dmtrec bench data`` (``bench_data(out, **asdict(cfg))``)."""
+
+    rows: int = option(5_000_000, "rows of the generated file (preprocessed, RSS)", minimum=1)
+    read_rows: int = option(1_000_000, "its first rows read by the text readers", minimum=1)
+    batch_size: int = option(4096, "batch size of the reads", minimum=1)
+    hash_size: int = option(1_000_000, "rows per hashed Criteo table", minimum=2)
+    repeats: int = option(2, "passes per reader (the best is kept)", minimum=1)
+    seed: int = option(0, "seed of the generated data and the shuffle", minimum=0)
+    keep_files: bool = option(False, "keep the generated files under OUT/bench_data_files")
+
+
+def run_bench_data(out: str, cfg: DataBenchConfig | None = None) -> dict[str, Any]:
+    """``bench_data`` with the options of ``cfg``."""
+    return bench_data(out, **asdict(cfg or DataBenchConfig()))
 
 
 def _criteo_table(n: int, rng: np.random.Generator):

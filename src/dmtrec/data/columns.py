@@ -101,6 +101,8 @@ class RawColumns:
 
     @staticmethod
     def concat(parts: list[RawColumns]) -> RawColumns:
+        if len(parts) == 1:
+            return parts[0]
         keys: list[pa.Array | tuple[np.ndarray, pa.Array]] = []
         for cols in zip(*(p.keys for p in parts)):
             if isinstance(cols[0], tuple):
@@ -584,9 +586,12 @@ class _Block:
         self.n = block.n
         self.file_bytes = block.file_bytes
 
-    def parse(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
-        raw, good = self.parse_raw(records, report)
-        return self.table.to_rows(raw), good
+    def parse(self, records: np.ndarray, report: bool) -> tuple[RawColumns, np.ndarray]:
+        """The good records' columns before the lookup: ``finish`` looks a whole wave up."""
+        return self.parse_raw(records, report)
+
+    def finish(self, raw: RawColumns) -> Rows:
+        return self.table.to_rows(raw)
 
     def parse_raw(self, records: np.ndarray, report: bool) -> tuple[RawColumns, np.ndarray]:
         """Fast parse; if it fails, halve and retry down to ``RESCAN_ROWS`` rows re-scanned

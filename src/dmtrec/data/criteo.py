@@ -222,14 +222,17 @@ class CriteoTSV:
         epoch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        start_step: int = 0,
     ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``)."""
+        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``),
+        from global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are
+        not parsed)."""
         if split not in self.paths:
             raise ConfigError(f"no files given for split {split!r}")
         check_shard_args(global_batch_size, rank, world_size)
         stats = self.stats[split] = DataStats()
         blocks = self.blocks(split, epoch, BadRows(stats, self.max_bad_rows))
-        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats)
+        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
         return (r.to_batch(self.spec.sparse) for r in rows)
 
     def blocks(self, split: str, epoch: int, bad: BadRows) -> Iterator[_CriteoBlock]:

@@ -402,7 +402,8 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
             progress = Progress(f"preprocess {path}", os.path.getsize(path), cfg.progress_every)
             for block in source.blocks(split, i, bad):
                 rows, _ = block.parse(np.arange(block.n), True)
-                writer.append(source.convert(rows))
+                finish = getattr(block, "finish", None)  # a table block: the vocabulary lookup
+                writer.append(source.convert(finish(rows) if finish else rows))
                 progress.update(block.n, block.file_bytes)
             progress.done()
             n = writer.close()

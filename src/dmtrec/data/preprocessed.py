@@ -49,6 +49,7 @@ class Part:
         self.path, self.index = path, index
         if not os.path.isfile(os.path.join(path, "done.json")):
             raise DataError(f"{path}: part not finished (no done.json); re-run dmtrec preprocess")
+
         def load(name: str) -> np.ndarray:
             # A plain ndarray view of the map: indexing it skips np.memmap's Python wrapper.
             return np.asarray(np.load(os.path.join(path, name), mmap_mode="r"))
@@ -166,14 +167,17 @@ class PreprocessedData:
         epoch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        start_step: int = 0,
     ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``)."""
+        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``),
+        from global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are
+        not parsed)."""
         if split not in self.parts:
             raise ConfigError(f"{self.path}: the store has no {split} split")
         check_shard_args(global_batch_size, rank, world_size)
         stats = self.stats[split] = DataStats()
         rows = sharded_batches(
-            self._blocks(split, epoch), global_batch_size, rank, world_size, stats
+            self._blocks(split, epoch), global_batch_size, rank, world_size, stats, start_step
         )
         return (r.to_batch(self.spec.sparse) for r in rows)
 

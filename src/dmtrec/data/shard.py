@@ -54,7 +54,12 @@ class Block(Protocol):
 
     def parse(self, records: np.ndarray, report: bool) -> tuple[Rows, np.ndarray]:
         """Rows of the good records among ``records`` (record indices, in this order) and a
-        bool mask over ``records`` (True: good). Bad ones are counted/reported iff ``report``."""
+        bool mask over ``records`` (True: good). Bad ones are counted/reported iff ``report``.
+
+        A block may return an intermediate with a ``concat`` static method instead of
+        ``Rows`` and have a ``finish(intermediate) -> Rows`` method: the driver then
+        concatenates a whole wave's parts before finishing them in one call (the column
+        tables look their vocabularies up once per wave, not once per block)."""
         ...
 
 
@@ -118,7 +123,10 @@ class _Pending:
                 stats.parsed += len(records)
             parts.append(rows)
             goods.append(good)
-        return Rows.concat(parts), np.concatenate(goods)
+        finish = getattr(self.blocks[int(which[0])], "finish", None)
+        if finish is None:
+            return Rows.concat(parts), np.concatenate(goods)
+        return finish(type(parts[0]).concat(parts)), np.concatenate(goods)
 
 
 def sharded_batches(
@@ -127,13 +135,18 @@ def sharded_batches(
     rank: int,
     world_size: int,
     stats: DataStats,
+    start_step: int = 0,
 ) -> Iterator[Rows]:
-    """This rank's rows of each global batch of ``blocks`` (see the module docstring)."""
+    """This rank's rows of each global batch of ``blocks`` (see the module docstring), from
+    global batch ``start_step`` on: the batches before it are not parsed (a resumed epoch;
+    their blocks are still visited, to count positions)."""
     g = global_batch_size
     b = check_shard_args(g, rank, world_size)
+    if start_step < 0:
+        raise ConfigError(f"start step must be >= 0, not {start_step}")
     pending = _Pending()
     it = iter(blocks)
-    done = 0  # global batches emitted (or skipped)
+    done = start_step  # global batches emitted, skipped, or resumed past
     exhausted = False
     while True:
         full = pending.total // g
@@ -150,8 +163,9 @@ def sharded_batches(
                 exhausted = True
             else:
                 pending.add(block)
+                pending.drop_before(done * g)
     last = (pending.total - done * g) // world_size
-    if last:
+    if last > 0:
         yield from _emit(pending, done, done + 1, g, last, rank * last, world_size, stats)
 
 

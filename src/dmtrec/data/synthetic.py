@@ -240,9 +240,11 @@ class SyntheticData:
         epoch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        start_step: int = 0,
     ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (``dmtrec.data.shard``); train
-        is shuffled per epoch (a seeded permutation of all rows), eval splits are not."""
+        """This rank's slice of each global batch of ``split`` (``dmtrec.data.shard``) from
+        global batch ``start_step`` on; train is shuffled per epoch (a seeded permutation of
+        all rows), eval splits are not."""
         check_shard_args(global_batch_size, rank, world_size)
         n = len(self._splits[split][2])
         order = None
@@ -250,7 +252,9 @@ class SyntheticData:
             order = np.random.default_rng([self.config.seed, 1000 + epoch]).permutation(n)
         stats = DataStats()
         block = _TableBlock(self, split, order)
-        rows = sharded_batches([block] if n else [], global_batch_size, rank, world_size, stats)
+        rows = sharded_batches(
+            [block] if n else [], global_batch_size, rank, world_size, stats, start_step
+        )
         return (r.to_batch(self.spec.sparse) for r in rows)
 
     def rows(self, split: str, idx: np.ndarray) -> Rows:
