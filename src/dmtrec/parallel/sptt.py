@@ -9,27 +9,27 @@ For N = H hosts x L ranks, local batch B, tower k placed on host h(k):
    ``DistributedModelParallel`` on the intra-host group: table/row/column-wise);
 3. tower modules TM_k run on the pooled embeddings, replicated inside the host (DDP over the
    intra-host group), compressing each tower by CR;
-4. TM outputs return to the samples' home ranks over the peer group (autograd all-to-all);
+4. TM outputs return to the samples' home ranks over the peer group (TorchRec's
+   ``PooledEmbeddingsAllToAll``);
 5. the global head (interaction + top MLP) is data parallel over all N ranks (DDP).
 
 The model is ``dmtrec.models.MultiTower``'s math, unchanged: same TMs, same head, virtual
 features in tower order. Gradient scaling: the head's DDP averages over N; the tower side sums
 over the H*B samples a rank serves, and DDP / TorchRec divide by L inside the host, so the
-returning gradient is scaled by 1/H to make every gradient (1/N) sum over ranks, exactly the
+returning gradient is divided by H (the return exchange's ``GRADIENT_DIVISION``) to make every gradient (1/N) sum over ranks, exactly the
 reference's mean loss over the global batch.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchrec.distributed.dist_data import KJTAllToAll
+from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dmtrec.errors import ConfigError
-from dmtrec.models.common import embedding_l2, make_ebc, stack_pooled, table_sizes
+from dmtrec.models.common import ebc_pooling, embedding_l2, make_ebc, stack_pooled, table_sizes
 from dmtrec.models.dmt import MultiTower
 from dmtrec.observe.comm import count_ddp
 from dmtrec.parallel.sharding import add_fused_embedding_optimizer, copy_table_weights, shard
@@ -56,41 +56,6 @@ def assign_towers(tower_sizes: list[int], hosts: int) -> list[int]:
         load[h] += tower_sizes[k]
         count[h] += 1
     return host
-
-
-class _PeerAllToAll(torch.autograd.Function):
-    """Autograd all-to-all of a flat tensor (backward: the reverse exchange).
-
-    Written on ``dist.all_to_all_single`` (not the functional collectives) so that the
-    byte accounting sees it like every other exchange.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group
-    ) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        grad = g.new_empty(sum(in_splits))
-        dist.all_to_all_single(grad, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad, None, None, None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return g * ctx.scale, None
 
 
 class HostTowers(nn.Module):
@@ -126,11 +91,17 @@ class SPTT(nn.Module):
         sparse_lr: float = 0.1,
         weights: dict[str, torch.Tensor] | None = None,
         count_comm: bool = False,
+        qcomm: dict | None = None,
     ) -> None:
         """``model``'s tables may live on the ``meta`` device: SPTT builds and shards its own
         host tables; ``weights`` (``<table>.weight`` -> full table) loads given values into
         them (tests start from a reference model), else TorchRec initialises them sharded.
-        ``count_comm`` makes DDP's all-reduces visible to ``observe.comm.CommCounter``."""
+        ``count_comm`` makes DDP's all-reduces visible to ``observe.comm.CommCounter``;
+        ``qcomm`` is TorchRec's qcomm codecs registry (reduced-precision embedding comms) for
+        the intra-host lookup and the return exchange (ids always travel exact)."""
+        from torchrec.distributed.fbgemm_qcomm_codec import CommOp
+
+        return_codecs = (qcomm or {}).get(CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL.name)
         super().__init__()
         topo = groups.topology
         self.groups = groups
@@ -144,15 +115,18 @@ class SPTT(nn.Module):
         host_features = [[f for k in ks for f in towers[k]] for ks in host_towers]
         sizes = table_sizes(model.ebc)  # input KJT keys come in this (the data's) order
         # 1. ids: KJT keys regrouped by destination host, then the peer-group all-to-all
-        position = {f: i for i, f in enumerate(sizes)}
-        self.host_order = [position[f] for fs in host_features for f in fs]
+        self.host_features = [f for fs in host_features for f in fs]  # destination-host order
+        self._order: dict[tuple[str, ...], tuple[list[int], torch.Tensor]] = {}
+        self.device = device
         self.id_dist = KJTAllToAll(groups.peer, [len(fs) for fs in host_features])
         # 2. this host's tables, sharded over its ranks, starting from the reference weights
         self.dim = dim = model.ebc.embedding_bag_configs()[0].embedding_dim
-        ebc = make_ebc(sizes, dim, host_features[self.host], device="meta")
+        ebc = make_ebc(
+            sizes, dim, host_features[self.host], device="meta", pooling=ebc_pooling(model.ebc)
+        )
         add_fused_embedding_optimizer(ebc, sparse_optimizer, sparse_lr, device)
         self.host_sparse = shard(
-            ebc, [ebc], groups.intra, sharding_type, device, topo.ranks_per_host, count_comm
+            ebc, [ebc], groups.intra, sharding_type, device, topo.ranks_per_host, count_comm, qcomm
         )
         if weights is not None:
             copy_table_weights(self.host_sparse, weights)
@@ -171,6 +145,9 @@ class SPTT(nn.Module):
         # 4. widths (numbers per sample) each host returns; reorder host-major -> tower order
         outs = [model.tower_modules[k].num_outputs for k in range(len(towers))]
         self.host_width = [sum(outs[k] for k in ks) * dim for ks in host_towers]
+        self.return_dist = PooledEmbeddingsAllToAll(
+            groups.peer, self.host_width, device, codecs=return_codecs
+        )
         start = [sum(outs[:k]) for k in range(len(towers))]
         self.register_buffer(
             "virtual_order",
@@ -198,28 +175,40 @@ class SPTT(nn.Module):
         return self.host_sparse.fused_optimizer
 
     # The stages of one forward, in order (named so that benchmarks can time each one).
+    def _permutation(self, keys: list[str]) -> tuple[list[int], torch.Tensor]:
+        """Positions of the destination-host feature order in a batch's keys (cached per key
+        order, with its device copy for ``KeyedJaggedTensor.permute``)."""
+        k = tuple(keys)
+        if k not in self._order:
+            pos = {f: i for i, f in enumerate(keys)}
+            missing = [f for f in self.host_features if f not in pos]
+            if missing:
+                raise ConfigError(f"the batch has no feature(s) {', '.join(missing)} of the towers")
+            order = [pos[f] for f in self.host_features]
+            self._order[k] = (order, torch.tensor(order, device=self.device, dtype=torch.int))
+        return self._order[k]
+
     def exchange_ids(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """1. ids to their tower's host over the peer group: this host's features, H*B samples."""
-        return self.id_dist(sparse.permute(self.host_order)).wait().wait()
+        """1. ids to their tower's host over the peer group: this host's features, H*B samples.
+
+        The regrouping by destination host follows the batch's own key order."""
+        order, order_t = self._permutation(sparse.keys())
+        return self.id_dist(sparse.permute(order, order_t)).wait().wait()
 
     def return_to_home(self, out: torch.Tensor, batch_size: int) -> torch.Tensor:
         """4. TM outputs ((H*B) x n_host x D, blocks of B per source host) back to the samples'
-        home ranks over the peer group; B x n_virtual x D in tower order."""
-        b = batch_size
-        mine = self.host_width[self.host]
-        recv = _PeerAllToAll.apply(
-            out.reshape(-1),
-            [b * w for w in self.host_width],
-            [b * mine] * self.hosts,
-            self.groups.peer,
-        )
-        blocks = [x.view(b, -1, self.dim) for x in recv.split([b * w for w in self.host_width])]
-        return torch.cat(blocks, dim=1).index_select(1, self.virtual_order)
+        home ranks over the peer group; B x n_virtual x D in tower order.
+
+        TorchRec's ``PooledEmbeddingsAllToAll`` (with the run's qcomm codecs) over the peer
+        group: its backward divides the returning gradient by H (``GRADIENT_DIVISION``), which
+        with DDP's and TorchRec's 1/L inside the host makes every gradient the (1/N)-average
+        of the reference's mean loss."""
+        recv = self.return_dist(out.reshape(out.shape[0], -1)).wait()  # B x sum(host widths)
+        return recv.view(batch_size, -1, self.dim).index_select(1, self.virtual_order)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         local = self.exchange_ids(sparse)
         pooled = self.host_sparse(local)  # 2. intra-host lookup
         out = self.host_towers(pooled)  # 3. tower modules
         virtual = self.return_to_home(out, dense.shape[0])
-        virtual = _ScaleGrad.apply(virtual, 1.0 / self.hosts)
         return self.head(dense, virtual)  # 5. global head
