@@ -213,3 +213,14 @@ def test_meta_records_the_settings_and_counts(tmp_path, days):
     }
     assert meta["settings"] == {"kind": "criteo", "vocab": "hash", "hash_size": TABLE}
     assert meta["id_dtype"] == "int32" and meta["skipped"] == {"train": 9, "valid": 0}
+
+
+def test_a_long_read_prints_progress_on_rank_0_only(tmp_path, days, capsys):
+    train, _ = days
+    reader = CriteoTSV({"train": train}, table_size=TABLE, block_bytes=4096, progress_every=1e-9)
+    list(reader.batches("train", 100, rank=1, world_size=2))
+    assert capsys.readouterr().err == ""
+    list(reader.batches("train", 100))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("dmtrec: reading train: ") and "MB/s" in err[0]
+    assert err[-1].startswith("dmtrec: reading train: 1,400 rows")  # 1391 good + 9 bad

@@ -118,6 +118,7 @@ def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None):
             shuffle=cfg.shuffle,
             seed=cfg.shuffle_seed,
             block_bytes=block_bytes,
+            progress_every=cfg.progress_every,
         )
         data.spec.pooling = cfg.pooling_mode
         return data

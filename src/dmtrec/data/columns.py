@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Jagged, Rows
-from dmtrec.data.progress import Progress
+from dmtrec.data.progress import Progress, with_progress
 from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batches
 from dmtrec.data.stream import BadRow, BadRows, short_repr
 from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
@@ -439,7 +439,12 @@ class ColumnTable:
         check_shard_args(global_batch_size, rank, world_size)
         stats = self.stats[split] = DataStats()
         shuffle = self.shuffle and split == "train"
-        blocks = self._blocks(split, epoch, BadRows(stats, self.max_bad_rows), shuffle)
+        blocks: Iterator[_Block] = self._blocks(
+            split, epoch, BadRows(stats, self.max_bad_rows), shuffle
+        )
+        if self.progress_every > 0 and rank == 0:
+            total = sum(os.path.getsize(p) for p in self.paths[split])
+            blocks = with_progress(blocks, f"reading {split}", total, self.progress_every)
         rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
         return (r.to_batch(self.sparse) for r in rows)
 

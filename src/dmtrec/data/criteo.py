@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Rows
+from dmtrec.data.progress import with_progress
 from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batches
 from dmtrec.data.stream import BadRow, BadRows, short_repr
 from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
@@ -158,7 +159,8 @@ class CriteoTSV:
     ``batches`` call and filled while reading: ``rows`` counts rows kept, ``skipped`` bad ones,
     ``parsed`` the records this rank parsed. ``shuffle`` permutes the train split every epoch
     (blocks of ``block_bytes`` and the rows inside each, from ``seed``; see
-    ``dmtrec.data.shard``); other splits are read in file order.
+    ``dmtrec.data.shard``); other splits are read in file order. ``progress_every`` > 0: rank 0
+    prints a progress line every that many seconds while reading.
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class CriteoTSV:
         shuffle: bool = False,
         seed: int = 0,
         block_bytes: int = BLOCK_BYTES,
+        progress_every: float = 0.0,
     ) -> None:
         unknown = sorted(set(paths) - set(SPLITS))
         if unknown:
@@ -196,6 +199,7 @@ class CriteoTSV:
             raise ConfigError(f"--shuffle-seed must be >= 0, not {seed}")
         self.max_bad_rows = max_bad_rows
         self.shuffle, self.seed, self.block_bytes = shuffle, seed, block_bytes
+        self.progress_every = progress_every
         self._moduli = [s - 1 for s in sizes]
         self._moduli_u64 = np.array(self._moduli, dtype=np.uint64)[:, None]
         self.spec = FeatureSpec(
@@ -232,6 +236,9 @@ class CriteoTSV:
         check_shard_args(global_batch_size, rank, world_size)
         stats = self.stats[split] = DataStats()
         blocks = self.blocks(split, epoch, BadRows(stats, self.max_bad_rows))
+        if self.progress_every > 0 and rank == 0:
+            total = sum(os.path.getsize(p) for p in self.paths[split])
+            blocks = with_progress(blocks, f"reading {split}", total, self.progress_every)
         rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
         return (r.to_batch(self.spec.sparse) for r in rows)
 

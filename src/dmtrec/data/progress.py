@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 
 
 def _duration(seconds: float) -> str:
@@ -77,3 +78,14 @@ class Progress:
     def done(self) -> None:
         if self.every > 0 and self.printed:
             self._print(self.clock())
+
+
+def with_progress(
+    blocks: Iterable[Any], what: str, total_bytes: int, every: float
+) -> Iterator[Any]:
+    """``blocks`` (with ``n`` records and ``file_bytes``), reporting progress as they are read."""
+    progress = Progress(what, total_bytes, every)
+    for block in blocks:
+        yield block
+        progress.update(block.n, block.file_bytes)
+    progress.done()
