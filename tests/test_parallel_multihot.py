@@ -77,7 +77,9 @@ def _check(results: list[dict], ref: dict) -> None:
     for name, g in expected.items():
         assert _max_diff(dense[name], g) <= TOL, name
     shapes = {
-        n.split(".")[-2] + ".weight": g.shape for n, g in ref["grads"].items() if "embedding_bags" in n
+        n.split(".")[-2] + ".weight": g.shape
+        for n, g in ref["grads"].items()
+        if "embedding_bags" in n
     }
     tables = assemble_table_grads(results, shapes)
     for n, g in ref["grads"].items():
