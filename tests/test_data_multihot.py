@@ -202,3 +202,40 @@ def test_a_two_file_csv_train_split_uses_both_files(tmp_path):
     # and a one-file split has only its rows
     assert load_data(DataConfig(**{**cfg.__dict__, "train": [a]})).stats["train"].rows == 3
     assert np.isfinite(batch.dense_features.numpy()).all()
+
+
+def test_parquet_number_keys_match_their_csv_text(tmp_path):
+    """Sparse values stored as numbers in Parquet get the keys ``str`` gives (5 -> "5",
+    5.0 -> "5.0", NaN -> missing), so a CSV copy of the table has the same vocabulary."""
+    rows = [
+        ["1", "1", "5", "5.0"],
+        ["0", "2", "-3", "2.5"],
+        ["1", "3", "5", ""],
+        ["0", "4", "7", "1e+20"],
+    ]
+    header = ["click", "age", "item", "price_bucket"]
+    from_csv = ColumnTable(
+        {"train": write_csv(tmp_path / "t.csv", header, rows)},
+        label="click",
+        dense=["age"],
+        sparse=["item", "price_bucket"],
+    )
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "click": [1, 0, 1, 0],
+                "age": [1.0, 2.0, 3.0, 4.0],
+                "item": [5, -3, 5, 7],
+                "price_bucket": [5.0, 2.5, float("nan"), 1e20],
+            }
+        ),
+        path,
+    )
+    from_pq = ColumnTable(
+        {"train": path}, label="click", dense=["age"], sparse=["item", "price_bucket"]
+    )
+    assert from_pq.vocab == from_csv.vocab
+    assert from_csv.vocab["price_bucket"] == {"5.0": 1, "2.5": 2, "1e+20": 3}
+    a, b = next(from_csv.batches("train", 4)), next(from_pq.batches("train", 4))
+    assert torch.equal(a.sparse_features.values(), b.sparse_features.values())

@@ -183,6 +183,11 @@ def _as_strings(arr: pa.Array) -> pa.Array:
     """A key column as strings (null = missing): numbers print as ``str`` would, NaN is missing."""
     if pa.types.is_floating(arr.type):
         arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
+        text = arr.cast(pa.string())
+        # Arrow prints 5.0 as "5", Python's str as "5.0" (the CSV habit): add the ".0"
+        integral = pc.match_substring_regex(text, r"^-?[0-9]+$")
+        dotted = pc.binary_join_element_wise(text, pa.scalar(".0"), pa.scalar(""))
+        arr = pc.if_else(integral, dotted, text)
     if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
         arr = arr.cast(pa.large_binary()).cast(pa.large_string())  # may raise: not UTF-8
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
