@@ -39,7 +39,7 @@ WRITES = {
     ("bench", "partition"): "bench_partition.json",
     ("simulate",): "simulate.json",
 }
-TIMEOUT_S = 300
+TIMEOUT_S = 600  # per command; a loaded shared box runs them several times slower
 
 
 def bash_blocks(text: str) -> list[list[str]]:
