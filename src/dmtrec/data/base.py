@@ -61,6 +61,8 @@ class DataStats:
     skipped: int = 0
     parsed: int = 0
     messages: list[str] = field(default_factory=list)
+    # the first skipped rows as records (file, line or row, column, reason): OUT/skipped_rows.jsonl
+    records: list[dict] = field(default_factory=list)
 
 
 @dataclass

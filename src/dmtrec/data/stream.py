@@ -7,6 +7,7 @@ from dmtrec.data.base import DataStats
 from dmtrec.errors import DataError
 
 MAX_MESSAGES = 5  # bad-row messages kept per split; the count keeps going
+MAX_RECORDS = 1000  # bad rows kept as records per split (the trainer's skipped_rows.jsonl)
 
 
 def short_repr(value: object, limit: int = 40) -> str:
@@ -38,6 +39,18 @@ class BadRows:
         if len(self.stats.messages) < MAX_MESSAGES:
             sep = ":" if err.col else ": "
             self.stats.messages.append(f"{path}:{where}{sep}{reason}")
+        if len(self.stats.records) < MAX_RECORDS:
+            rec: dict = {"file": path}
+            if where.isdigit():
+                rec["line"] = int(where)
+            elif where.startswith("row ") and where[4:].isdigit():
+                rec["row"] = int(where[4:])
+            else:
+                rec["where"] = where
+            if err.col:
+                rec["column"], rec["column_name"] = err.col
+            rec["reason"] = err.reason
+            self.stats.records.append(rec)
         if self.stats.skipped > self.max_bad_rows:
             raise DataError(
                 f"{path}:{where}: {self.stats.skipped} bad rows, more than --max-bad-rows "

@@ -100,6 +100,40 @@ class OutputLock:
         self.release()
 
 
+def preflight(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    """Everything about a training run that can be checked before any rank starts, so that a
+    mistake costs a second, not a training run: option values and their combinations, the data
+    paths and an evaluation split, the output directory."""
+    from dmtrec.data.base import SPLITS
+    from dmtrec.data.synthetic import SyntheticConfig
+
+    tcfg.validate()
+    if dcfg.kind == "synthetic":
+        syn = SyntheticConfig(**dcfg.synthetic)
+        if syn.num_train < 1:
+            raise ConfigError(f"--num-train {syn.num_train}: no training rows; it must be >= 1")
+        if syn.num_valid < 1 and syn.num_test < 1:
+            raise ConfigError("--num-valid and --num-test are both 0: no data to evaluate on")
+    else:
+        if dcfg.kind in ("csv", "parquet") and (not dcfg.label or not dcfg.sparse):
+            raise ConfigError(
+                f"--data {dcfg.kind} needs --label and --sparse (and usually --dense)"
+            )
+        for split in SPLITS:
+            for path in getattr(dcfg, split):
+                p = Path(path)
+                if dcfg.kind == "preprocessed":
+                    if not p.is_dir():
+                        raise ConfigError(f"--{split} {path}: no such directory (a store)")
+                elif p.is_dir():
+                    raise ConfigError(f"--{split} {path}: is a directory, expected a data file")
+                elif not p.exists():
+                    raise ConfigError(f"--{split} {path}: no such file")
+        if dcfg.kind != "preprocessed" and not (dcfg.valid or dcfg.test):
+            raise ConfigError("no --valid or --test data to evaluate on")
+    ensure_out_dir(tcfg.out)
+
+
 def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None) -> dict[str, Any]:
     """Train in this process (``none``) or on hosts x ranks local processes; return metrics
     (rank 0's; other torchrun ranks return ``{}``) and write ``OUT/metrics.json``.
@@ -109,7 +143,7 @@ def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None
     """
     from dmtrec.parallel.launch import init_from_env, run_single, spawn
 
-    tcfg.validate()
+    preflight(dcfg, mcfg, tcfg)
     world = tcfg.hosts * tcfg.ranks_per_host
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
         init_from_env()
@@ -118,7 +152,6 @@ def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None
             return metrics
         write_metrics(tcfg.out, metrics)
         return metrics
-    ensure_out_dir(tcfg.out)
     with OutputLock(tcfg.out):
         if tcfg.parallel == "none":
             metrics = run_single(train_worker, (dcfg, mcfg, tcfg))

@@ -32,6 +32,7 @@ from dmtrec.options import option
 from dmtrec.parallel.build import PARALLEL, Built, build
 from dmtrec.parallel.launch import synchronize
 from dmtrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from dmtrec.train.checks import LabelCheck, no_training_rows, report_skipped
 from dmtrec.train.metrics import quality
 from dmtrec.train.step import train_step
 
@@ -240,14 +241,17 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         raise ConfigError("no --valid or --test data to evaluate on")
     built = build(data.spec, mcfg, tcfg, count_comm=tcfg.count_comm)
     counter = CommCounter(built.topology, rank) if tcfg.count_comm else None
+    what = f"--train {','.join(dcfg.train)}" if dcfg.train else f"{dcfg.kind} train split"
+    loop = _Loop(data, built, counter, tcfg, rank, world, what)
     if counter is not None:
         with counter.install():
-            result = _Loop(data, built, counter, tcfg, rank, world).run()
+            result = loop.run()
             comm = counter.totals(result.pop("steps_timed"))
     else:
-        result = _Loop(data, built, None, tcfg, rank, world).run()
+        result = loop.run()
         result.pop("steps_timed")
         comm = None
+    skipped = report_skipped(loop.read_stats(), tcfg.out, rank)
     from dmtrec.train.artifact import save_model
 
     save_model(tcfg.out, built.model, mcfg, dcfg, data, asdict(tcfg))  # the best state
@@ -264,7 +268,8 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         tm=mcfg.tm if mcfg.towers else None,
         cr=mcfg.cr if mcfg.towers else None,
         sharding=tcfg.sharding if tcfg.parallel != "dmt" else f"intra-host {tcfg.sharding}",
-        skipped_rows=sum(s.skipped for s in data.stats.values()),
+        skipped_rows=sum(skipped.values()),
+        skipped_by_split=skipped,
         config={"model": asdict(mcfg), "train": asdict(tcfg)},
     )
     if comm is not None:
@@ -285,8 +290,11 @@ class _Loop:
         tcfg: TrainConfig,
         rank: int,
         world: int,
+        what: str = "the train split",
     ) -> None:
         self.data, self.built, self.counter, self.tcfg = data, built, counter, tcfg
+        self.what = what  # names the training data in errors
+        self.train_stats = None  # DataStats of the first complete pass over train
         self.rank, self.world = rank, world
         self.model, self.optimizer, self.device = built.model, built.optimizer, built.device
         self.state: dict[str, Any] = {
@@ -314,6 +322,13 @@ class _Loop:
         torch.set_rng_state(saved["rng"])
         self.state.update(saved["state"])
         self.stopper.best, self.stopper.bad = self.state["best"], self.state["bad_evals"]
+
+    def read_stats(self) -> dict:
+        """Per split, this rank's reading counters (train: its first complete pass)."""
+        stats = dict(self.data.stats)
+        if self.train_stats is not None:
+            stats["train"] = self.train_stats
+        return stats
 
     # -- evaluation -------------------------------------------------------------------------
     def _validate(self, epoch: int) -> None:
@@ -359,6 +374,7 @@ class _Loop:
         stop = False
         scheduled = bool(tcfg.lr_warmup_steps or tcfg.lr_decay != "none")
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        labels = LabelCheck(self.device, self.what) if st["step"] == 0 else None
         for epoch in range(st["epoch"], tcfg.epochs):
             batches = local_batches(self.data, "train", global_bs, self.rank, self.world, epoch)
             for i, batch in enumerate(batches):
@@ -384,6 +400,10 @@ class _Loop:
                         f"step {st['step']}: training loss is {value} (diverged); lower --lr "
                         f"({tcfg.lr:g}) or --sparse-lr ({tcfg.sparse_lr:g})"
                     )
+                if labels is not None and not labels.done:
+                    labels.add(batch.labels)
+                    if labels.due(st["step"] * global_bs):
+                        labels.check(whole_split=False)
                 if self.writer is not None and st["step"] % tcfg.log_every == 0:
                     self.writer.add_scalar("train/loss", value, st["step"])
                 if bar is not None:
@@ -397,6 +417,20 @@ class _Loop:
                 if stop or (tcfg.max_steps and st["step"] >= tcfg.max_steps):
                     stop = True
                     break
+            if not stop and self.train_stats is None:
+                self.train_stats = self.data.stats.get("train")
+            if st["step"] == 0:  # a whole epoch without one step: nothing will ever train
+                report_skipped(self.read_stats(), tcfg.out, self.rank, emit=False)
+                raise no_training_rows(
+                    self.data.stats.get("train"),
+                    self.what,
+                    tcfg.out,
+                    global_bs,
+                    self.world,
+                    self.device,
+                )
+            if labels is not None:
+                labels.check(whole_split=not stop)
             if not stop:
                 st["epoch"], st["step_in_epoch"] = epoch + 1, 0
                 if self.has_valid and not tcfg.eval_every:
@@ -406,11 +440,6 @@ class _Loop:
                 break
         if bar is not None:
             bar.close()
-        if st["step"] == 0:
-            raise DataError(
-                "no training step ran: the training split has fewer rows than one global batch "
-                f"({global_bs} = --batch-size x ranks) after skipping bad rows"
-            )
         _save(tcfg.out, self.rank, _snapshot(self.built, st))  # where training stopped
         if self.counter is not None:
             self.counter.enabled = False  # per-step accounting covers training steps only
