@@ -536,3 +536,40 @@ def test_config_file_errors_name_the_key(tmp_path) -> None:
         StudentConfig(model=ModelConfig(model="fwfm")).validate("students[0]")
     with pytest.raises(ConfigError, match="--fm-lag must be >= 0"):
         AugmentConfig(fm_lag=-1).validate()
+
+
+def test_command_options_override_the_yaml(tmp_path) -> None:
+    from dmtrec.exfm.commands import ExFMOptions, resolve
+
+    p = tmp_path / "exfm.yaml"
+    p.write_text(
+        "augment: {fm_lag: 2}\ndistill: {w: 0.5}\nstudents:\n  - {name: a, variants: [none, aux]}\n"
+    )
+    cfg = resolve(ExFMOptions(config=str(p), fm_lag=3, beta=0.25, kd=["plain"]))
+    assert (cfg.augment.fm_lag, cfg.distill.w, cfg.distill.beta) == (3, 0.5, 0.25)
+    assert cfg.students[0].variants == ["plain"]
+    with pytest.raises(ConfigError, match="--alpha must be a finite number > 0, got -1.0"):
+        resolve(ExFMOptions(config=str(p), alpha=-1.0))
+
+
+def test_students_can_start_after_the_fm(tmp_path) -> None:
+    cfg = config_from_dict({**_tiny_config(), "student_start": 2})
+    doc = run_exfm(cfg, tmp_path)
+    assert doc["students"]["vm_a"]["none"]["windows"] == [3, 4]
+    assert doc["fm_calls"] == 4 * 160  # the FM and the DAS still cover the whole stream
+    with pytest.raises(
+        ConfigError, match="--student-start 4: the VMs need >= 2 of the stream's 5 windows"
+    ):
+        run_exfm(config_from_dict({**_tiny_config(), "student_start": 4}), tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["exfm_synthetic.yaml", "exfm_movielens.yaml"])
+def test_example_configs_are_valid(name) -> None:
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "examples" / name)
+    assert len(cfg.students) >= 2
+    assert (
+        len({s.model.model for s in cfg.students}) >= 2
+        or len({str(s.sparse) for s in cfg.students}) >= 2
+    )

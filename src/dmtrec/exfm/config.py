@@ -147,8 +147,9 @@ class StudentConfig:
 class ExFMConfig:
     """Everything one ``exfm run`` does: stream, FM, DAS, VMs, distillation, optimisation."""
 
-    seed: int = option(
-        0, "seed of the models' initialisation (and of the synthetic stream unless set)"
+    seed: int = option(0, "seed of the models' initialisation (the stream has its own)")
+    student_start: int = option(
+        0, "windows of history only the FM trains on before the VMs start", minimum=0
     )
     stream: StreamConfig = option(help="the time-ordered stream", factory=StreamConfig)
     teacher: TeacherConfig = option(help="the foundation model", factory=TeacherConfig)
@@ -176,6 +177,8 @@ class ExFMConfig:
     )
 
     def validate(self) -> None:
+        if self.student_start < 0:
+            raise ConfigError(f"--student-start must be >= 0, got {self.student_start}")
         self.stream.validate()
         self.teacher.validate()
         self.augment.validate()

@@ -23,7 +23,7 @@ from dmtrec.errors import ConfigError
 from dmtrec.exfm.config import ExFMConfig
 from dmtrec.exfm.das import Store, augment, store_dir
 from dmtrec.exfm.stream import Stream, prepare_stream
-from dmtrec.exfm.student import student_features, train_student
+from dmtrec.exfm.student import check_start, student_features, train_student
 from dmtrec.exfm.teacher import read_manifest, train_teacher
 from dmtrec.parallel.launch import run_single
 
@@ -78,7 +78,9 @@ def run_student(
 
     def work() -> None:
         for s, v in plan:
-            r = train_student(stream, store, s, v, cfg.distill, cfg.optim, cfg.seed)
+            r = train_student(
+                stream, store, s, v, cfg.distill, cfg.optim, cfg.seed, cfg.student_start
+            )
             results.setdefault(s.name, {})[v] = r
             d = students_dir / s.name
             d.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,8 @@ def run_exfm(cfg: ExFMConfig, out: str | Path) -> dict[str, Any]:
     cfg.validate()
     out = Path(out)
     stream = open_stream(cfg, out)
-    for s in cfg.students:  # a student's bad features fail before the FM trains
+    check_start(stream, cfg.student_start)  # bad student settings fail before the FM trains
+    for s in cfg.students:
         student_features(stream, s, f"student {s.name}")
 
     def work() -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from torchrec.datasets.utils import Batch
 
 from dmtrec.data.base import FeatureSpec
+from dmtrec.errors import ConfigError
 from dmtrec.exfm._build import dense_optimizer, distribute
 from dmtrec.exfm.config import OptimConfig, StudentConfig
 from dmtrec.exfm.das import Store
@@ -48,6 +49,14 @@ def student_features(stream: Stream, scfg: StudentConfig, who: str) -> tuple[lis
     sparse = list(stream.spec.sparse if scfg.sparse is None else scfg.sparse)
     stream.check_features(dense, sparse, who)
     return dense, sparse
+
+
+def check_start(stream: Stream, start: int) -> None:
+    """The VMs start at window ``start`` and need two windows (train one, score the next)."""
+    if not 0 <= start <= stream.num_windows - 2:
+        raise ConfigError(
+            f"--student-start {start}: the VMs need >= 2 of the stream's {stream.num_windows} windows"
+        )
 
 
 def build_vm(
@@ -129,9 +138,12 @@ def train_student(
     dcfg: DistillConfig,
     optim: OptimConfig,
     seed: int,
+    start: int = 0,
 ) -> dict[str, Any]:
-    """Train one VM variant over the stream; its progressive NE per window. Inside a group."""
+    """Train one VM variant over windows ``start..`` of the stream; its progressive NE per
+    window (window ``start`` only trains). Inside a process group."""
     check_kd(kd)
+    check_start(stream, start)
     dcfg.validate()
     if kd != "none" and store is None:
         raise ValueError(f"kd={kd} needs a DAS store")
@@ -150,7 +162,7 @@ def train_student(
         columns.append("oracle_prob")
     ne, auc, windows, oracle_ne, labeled = [], [], [], [], 0
     all_logits, all_labels = [], []
-    for t in range(stream.num_windows):
+    for t in range(start, stream.num_windows):
         rows = traffic_rows(stream.window(t, columns), scfg.traffic)
         extra = {}
         if store is not None:
@@ -158,7 +170,7 @@ def train_student(
             extra = {"fm_prob": pred, "mask": has}
             labeled += int(has.sum())
         wb = WindowBatches(rows, dense, sparse, extra)
-        if t > 0:
+        if t > start:
             logits = score(vm, wb, optim.eval_batch_size)
             labels = torch.from_numpy(wb.labels)
             q = quality(logits, labels)
