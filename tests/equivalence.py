@@ -41,7 +41,7 @@ class StepSetup:
     batch_size: int = 8  # per rank
     sharding: str = "table_wise"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more TrainConfig fields (e.g. comm_precision)
 
 
 def _strip(name: str) -> str:
@@ -77,6 +77,7 @@ def one_step(setup: StepSetup) -> dict:
         sparse_optimizer="sgd",
         sparse_lr=SPARSE_LR,
         seed=setup.seed,
+        **setup.extra,
     )
     with counter.install():
         built = build(data.spec, copy.deepcopy(setup.model), opts, reference=model, count_comm=True)
@@ -129,7 +130,7 @@ def reference_step(model: nn.Module, batch) -> dict:
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"logits": logits.detach(), "loss": float(loss), "grads": grads}
+    return {"logits": logits.detach(), "loss": float(loss.detach()), "grads": grads}
 
 
 def assemble_table_grads(results: list[dict], table_shapes: dict[str, torch.Size]) -> dict:

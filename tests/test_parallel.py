@@ -136,3 +136,19 @@ def test_pooled_cross_host_bytes_scale_as_one_over_cr() -> None:
         # SPTT's AlltoAlls are among H peers: each rank sends to H-1 hosts, not N-1 ranks
         assert comm["by_kind"]["forward/embeddings"]["cross_host_messages"] == n * (h - 1)
     assert base["by_kind"]["forward/embeddings"]["cross_host_messages"] == n * (n - n // h)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "dmt"])
+def test_fp16_comms_halve_pooled_bytes(mode: str) -> None:
+    """--comm-precision fp16 (TorchRec qcomm codecs): the pooled embeddings cross hosts in
+    exactly half the fp32 bytes, ids unchanged, and the step computes nearly the same."""
+    towers = EVEN_TOWERS if mode == "dmt" else None
+    model = ModelConfig(embedding_dim=8, bottom=[8], top=[8], towers=towers, tm="identity")
+    base = dict(data=DATA, model=model, mode=mode, hosts=2, ranks_per_host=1)
+    fp32 = _run(StepSetup(**base))
+    fp16 = _run(StepSetup(**base, extra={"comm_precision": "fp16"}))
+    c32, c16 = fp32[0]["comm"], fp16[0]["comm"]
+    assert c16["pooled_cross_host_bytes_per_step"] == 0.5 * c32["pooled_cross_host_bytes_per_step"]
+    ids = "forward/ids"
+    assert c16["by_kind"][ids]["cross_host_bytes"] == c32["by_kind"][ids]["cross_host_bytes"]
+    assert _max_diff(fp16[0]["logits"], fp32[0]["logits"]) < 1e-2

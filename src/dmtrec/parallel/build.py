@@ -34,6 +34,7 @@ from dmtrec.parallel.sharding import (
     add_fused_embedding_optimizer,
     copy_table_weights,
     dense_and_fused_optimizer,
+    qcomm_registry,
     shard,
 )
 from dmtrec.parallel.sptt import SPTT
@@ -67,6 +68,7 @@ class Built:
     optimizer: CombinedOptimizer  # the fused sparse optimizers + the dense one
     device: torch.device
     topology: Topology
+    comm_precision_effective: str = "fp32"  # what the embedding comms really use
 
 
 def resolve_towers(mcfg: ModelConfig, spec: FeatureSpec, seed: int) -> None:
@@ -110,6 +112,11 @@ def build(
     resolve_towers(mcfg, spec, opts.seed)
     if opts.parallel == "dmt" and mcfg.towers is None:
         raise ConfigError("--parallel dmt needs --towers (K or a towers.json)")
+    if opts.parallel == "dmt" and opts.sharding == "table_row_wise":
+        raise ConfigError(
+            "--sharding table_row_wise does not apply inside a host (--parallel dmt shards each "
+            "host's tables over its own ranks): use table_wise, row_wise or column_wise"
+        )
     if reference is None:
         torch.manual_seed(opts.seed)
         model, weights = build_model(mcfg, spec, table_device="meta"), None
@@ -117,6 +124,7 @@ def build(
         model, weights = reference, table_weights(reference)
     if opts.parallel != "dmt":
         return distribute(model, model.ebc, opts, weights=weights, count_comm=count_comm)
+    qcomm, effective = qcomm_registry(getattr(opts, "comm_precision", "fp32"), device)
     wrapped = SPTT(
         model,
         make_process_groups(topo),
@@ -126,11 +134,12 @@ def build(
         opts.sparse_lr,
         weights=weights,
         count_comm=count_comm,
+        qcomm=qcomm,
     )
     optimizer = dense_and_fused_optimizer(
         wrapped, [wrapped.fused_optimizer], opts.dense_optimizer, opts.lr, opts.weight_decay
     )
-    return Built(wrapped, optimizer, device, topo)
+    return Built(wrapped, optimizer, device, topo, effective)
 
 
 def distribute(
@@ -147,12 +156,20 @@ def distribute(
     topo = world_topology(opts)
     device = rank_device()
     add_fused_embedding_optimizer(ebc, opts.sparse_optimizer, opts.sparse_lr, device)
+    qcomm, effective = qcomm_registry(getattr(opts, "comm_precision", "fp32"), device)
     wrapped = shard(
-        model, [ebc], dist.group.WORLD, opts.sharding, device, topo.ranks_per_host, count_comm
+        model,
+        [ebc],
+        dist.group.WORLD,
+        opts.sharding,
+        device,
+        topo.ranks_per_host,
+        count_comm,
+        qcomm,
     )
     if weights is not None:
         copy_table_weights(wrapped, weights)
     optimizer = dense_and_fused_optimizer(
         wrapped, [wrapped.fused_optimizer], opts.dense_optimizer, opts.lr, opts.weight_decay
     )
-    return Built(wrapped, optimizer, device, topo)
+    return Built(wrapped, optimizer, device, topo, effective)

@@ -57,6 +57,31 @@ class CountingDataParallelWrapper(DefaultDataParallelWrapper):
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam", "rowwise_adam")
 
 
+COMM_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def qcomm_registry(precision: str, device: torch.device) -> tuple[dict | None, str]:
+    """TorchRec's qcomm codecs for pooled-embedding comms (forward and backward) at
+    ``precision``, and the precision they really use: gloo has no bf16 all-to-all, so on CPU
+    TorchRec falls back to fp16 (Neo's reduced-precision communication; ids stay exact)."""
+    from torchrec.distributed.fbgemm_qcomm_codec import (
+        CommType,
+        QCommsConfig,
+        get_qcomm_codecs_registry,
+    )
+
+    if precision not in COMM_PRECISIONS:
+        raise ConfigError(
+            f"--comm-precision: unknown {precision!r}; choose from {', '.join(COMM_PRECISIONS)}"
+        )
+    effective = "fp16" if precision == "bf16" and device.type == "cpu" else precision
+    if precision == "fp32":
+        return None, effective
+    ct = CommType(effective)
+    config = QCommsConfig(forward_precision=ct, backward_precision=ct)
+    return get_qcomm_codecs_registry(config, device=device), effective
+
+
 def add_fused_embedding_optimizer(
     ebc: nn.Module, name: str, lr: float, device: torch.device | None = None
 ) -> None:
@@ -95,6 +120,7 @@ def shard(
     device: torch.device,
     ranks_per_host: int,
     count_comm: bool = False,
+    qcomm: dict | None = None,
 ) -> DistributedModelParallel:
     """Shard every EBC in ``module`` over ``group`` with one sharding type; DDP the rest.
 
@@ -119,7 +145,7 @@ def shard(
         compute_device=device.type,
         local_world_size=min(world, ranks_per_host),
     )
-    sharder = AnyShardingSharder()
+    sharder = AnyShardingSharder(qcomm_codecs_registry=qcomm)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     if group is dist.group.WORLD:
         plan = planner.collective_plan(module, [sharder], group)

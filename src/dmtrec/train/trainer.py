@@ -31,7 +31,7 @@ from dmtrec.observe.comm import CommCounter
 from dmtrec.options import option
 from dmtrec.parallel.build import PARALLEL, Built, build
 from dmtrec.parallel.launch import synchronize
-from dmtrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from dmtrec.parallel.sharding import COMM_PRECISIONS, SHARDING_TYPES, SPARSE_OPTIMIZERS
 from dmtrec.train.checks import LabelCheck, no_training_rows, report_skipped
 from dmtrec.train.metrics import quality
 from dmtrec.train.step import train_step
@@ -85,6 +85,12 @@ class TrainConfig:
     log_every: int = option(50, "TensorBoard loss every N steps (0: no TensorBoard)", minimum=0)
     threads: int = option(0, "intra-op threads per process (0: cores / processes)", minimum=0)
     count_comm: bool = option(False, "count bytes per collective and link (bench-style accounting)")
+    comm_precision: str = option(
+        "fp32",
+        "precision of pooled-embedding communication, forward and backward (TorchRec qcomm "
+        "codecs; ids stay exact; bf16 falls back to fp16 on gloo, recorded in metrics.json)",
+        choices=COMM_PRECISIONS,
+    )
     parallel: str = option(
         "none", "none | baseline (TorchRec hybrid) | dmt (SPTT)", choices=PARALLEL
     )
@@ -268,6 +274,8 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         tm=mcfg.tm if mcfg.towers else None,
         cr=mcfg.cr if mcfg.towers else None,
         sharding=tcfg.sharding if tcfg.parallel != "dmt" else f"intra-host {tcfg.sharding}",
+        comm_precision=tcfg.comm_precision,
+        comm_precision_effective=built.comm_precision_effective,
         skipped_rows=sum(skipped.values()),
         skipped_by_split=skipped,
         config={"model": asdict(mcfg), "train": asdict(tcfg)},

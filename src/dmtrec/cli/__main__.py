@@ -1,0 +1,3 @@
+from dmtrec.cli import main
+
+raise SystemExit(main())
