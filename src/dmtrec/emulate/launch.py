@@ -15,20 +15,33 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dmtrec.parallel.launch import TIMEOUT, _result, run_rank
+from dmtrec.parallel.launch import (
+    FAILURE_GRACE_S,
+    _result,
+    _timedelta,
+    die_with_parent,
+    first_failure,
+    run_rank,
+)
 
 
-def spawn_in_hosts(fn: Callable, args: tuple, hosts, ranks_per_host: int) -> list[Any]:
+def spawn_in_hosts(
+    fn: Callable, args: tuple, hosts, ranks_per_host: int, timeout: float | None = None
+) -> list[Any]:
     """Like ``spawn``, but each rank runs inside its emulated host's network namespace.
 
-    ``hosts`` is an entered ``netns.EmulatedHosts``. Ranks are started with ``ip netns exec``;
-    rendezvous is at host 0's address; gloo binds to the host's veth (``GLOO_SOCKET_IFNAME``).
+    ``hosts`` is an entered ``netns.EmulatedHosts``. Ranks are started with ``ip netns exec``
+    (which execs the rank's Python, so the rank is this process's child and dies with it:
+    ``die_with_parent``); rendezvous is at host 0's address; gloo binds to the host's veth
+    (``GLOO_SOCKET_IFNAME``). Collectives time out after ``timeout`` seconds; a failure is
+    reported as the rank that failed first (``parallel.launch.first_failure``).
     """
     import pickle
     import subprocess
     import tempfile
 
     world = hosts.hosts * ranks_per_host
+    td = _timedelta(timeout)
     port = 29400 + os.getpid() % 1000
     with tempfile.TemporaryDirectory(prefix="dmtrec-netns-") as tmp:
         job = os.path.join(tmp, "job.pkl")
@@ -46,6 +59,8 @@ def spawn_in_hosts(fn: Callable, args: tuple, hosts, ranks_per_host: int) -> lis
                 LOCAL_RANK=str(rank % ranks_per_host),
                 LOCAL_WORLD_SIZE=str(ranks_per_host),
                 GLOO_SOCKET_IFNAME=hosts.ifnames[h],
+                DMTREC_LAUNCHER_PID=str(os.getpid()),
+                DMTREC_DIST_TIMEOUT_S=str(int(td.total_seconds())),
                 # the job may pickle functions of modules found on this process's path
                 PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
             )
@@ -61,32 +76,36 @@ def spawn_in_hosts(fn: Callable, args: tuple, hosts, ranks_per_host: int) -> lis
                 tmp,
             ]
             procs.append(subprocess.Popen(cmd, env=env))
-        deadline = time.monotonic() + TIMEOUT.total_seconds() * 2
+        outcomes: dict[int, tuple[str, Any]] = {}
+        failed: dict[int, tuple[float, str, Any]] = {}
+        first: float | None = None
         try:
-            while any(p.poll() is None for p in procs):
-                failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-                if failed or time.monotonic() > deadline:
-                    break
+            while len(outcomes) + len(failed) < world:
+                now = time.monotonic()
+                for rank, p in enumerate(procs):
+                    if rank in outcomes or rank in failed:
+                        continue
+                    out = os.path.join(tmp, f"rank{rank}.pkl")
+                    if os.path.exists(out):
+                        with open(out, "rb") as f:
+                            o = pickle.load(f)
+                        if o[0] == "ok":
+                            outcomes[rank] = o
+                        else:
+                            failed[rank] = (os.path.getmtime(out), *o)
+                    elif p.poll() is not None:  # ended without writing its outcome
+                        failed[rank] = (time.time(), "died", p.returncode)
+                if failed:
+                    first = first if first is not None else now
+                    if now - first > FAILURE_GRACE_S:
+                        break
                 time.sleep(0.05)
-            outcomes: list[tuple[str, Any] | None] = []
-            for rank in range(world):
-                out = os.path.join(tmp, f"rank{rank}.pkl")
-                if os.path.exists(out):
-                    with open(out, "rb") as f:
-                        outcomes.append(pickle.load(f))
-                else:
-                    outcomes.append(None)
-            # report the first rank that failed by itself, not one left waiting for it
-            for rank, o in enumerate(outcomes):
-                if o is not None and o[0] != "ok":
-                    _result(rank, *o)
-            for rank, o in enumerate(outcomes):
-                if o is None:
-                    code = procs[rank].poll()
-                    ns = hosts.namespaces[rank // ranks_per_host]
-                    raise RuntimeError(f"rank {rank} in {ns} ended without a result (exit {code})")
-            results = [_result(rank, *o) for rank, o in enumerate(outcomes)]
-            return results
+            if failed:
+                alive = [r for r in range(world) if r not in outcomes and r not in failed]
+                raise first_failure(
+                    failed, alive, td, lambda r: f" in {hosts.namespaces[r // ranks_per_host]}"
+                )
+            return [_result(rank, *outcomes[rank]) for rank in range(world)]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -98,6 +117,7 @@ def _netns_main(job: str, out_dir: str) -> None:
     """Entry of a rank started by ``spawn_in_hosts`` (``python -m dmtrec.emulate.launch``)."""
     import pickle
 
+    die_with_parent(int(os.environ["DMTREC_LAUNCHER_PID"]))
     rank = int(os.environ["RANK"])
 
     def load_and_run() -> Any:
@@ -111,7 +131,7 @@ def _netns_main(job: str, out_dir: str) -> None:
             init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
             rank=rank,
             world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=TIMEOUT,
+            timeout=_timedelta(float(os.environ["DMTREC_DIST_TIMEOUT_S"])),
         )
 
     status, payload = run_rank(rank, init, load_and_run, ())

@@ -1,17 +1,28 @@
 """Process launch: H*L local gloo processes (emulated hosts), or whatever torchrun started.
 
 Locally, ``spawn`` starts one process per rank on this machine; rendezvous and gloo traffic
-stay on loopback (127.0.0.1, ``GLOO_SOCKET_IFNAME=lo``), every collective has a timeout, and
-the processes are joined (or killed) before ``spawn`` returns. Under ``torchrun`` (real
-clusters) the same worker runs with NCCL when CUDA is present: see the README.
+stay on loopback (127.0.0.1, ``GLOO_SOCKET_IFNAME=lo``), every collective has a timeout
+(``--timeout``), and the processes are joined (or killed) before ``spawn`` returns. Workers
+never outlive their launcher: each asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``), so even a kill -9 of the launcher leaves no orphan.
+
+When a rank fails, the others fail soon after in their next collective ("connection closed
+by peer"); ``spawn`` waits a moment for every rank's outcome and reports the one that failed
+first by itself -- a rank that died (``RankFailed``: killed, out of memory, ...), a user error,
+a bug -- never a peer that only lost it. Under ``torchrun`` (real clusters) the same worker runs
+with NCCL when CUDA is present: see the README.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import io
 import os
+import re
+import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -24,6 +35,40 @@ import torch.multiprocessing as mp
 from dmtrec.errors import DmtrecError
 
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("DMTREC_DIST_TIMEOUT_S", "300")))
+# after the first failure, how long to wait for the other ranks' outcomes before judging
+FAILURE_GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class RankFailed(DmtrecError):
+    """A rank of a distributed run ended without a result (killed, crashed, or hung past
+    ``--timeout``); ``rank`` is the one that failed first. Restartable (``--max-restarts``)."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+def _timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta:
+    if timeout is None:
+        return TIMEOUT
+    if isinstance(timeout, datetime.timedelta):
+        return timeout
+    return datetime.timedelta(seconds=float(timeout))
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op).
+
+    ``parent_pid``: the launcher that started this process; if it is already gone (it died
+    before this call), exit now instead of running as an orphan.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def free_port() -> int:
@@ -77,8 +122,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def init_local(rank: int, world_size: int, port: int, local_world_size: int) -> None:
-    """Join a process group of local processes over loopback."""
+def init_local(
+    rank: int,
+    world_size: int,
+    port: int,
+    local_world_size: int,
+    timeout: float | datetime.timedelta | None = None,
+) -> None:
+    """Join a process group of local processes over loopback (collectives time out after
+    ``timeout`` seconds, default ``TIMEOUT``)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -93,7 +145,7 @@ def init_local(rank: int, world_size: int, port: int, local_world_size: int) -> 
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=TIMEOUT,
+        timeout=_timedelta(timeout),
     )
 
 
@@ -128,14 +180,29 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def init_from_env() -> None:
+def init_from_env(timeout: float | datetime.timedelta | None = None) -> None:
     """Join the process group torchrun describes (env://): NCCL with CUDA, else gloo."""
     rank_device()  # makes the rank's GPU current before NCCL sees it
-    dist.init_process_group(backend(), init_method="env://", timeout=TIMEOUT)
+    dist.init_process_group(backend(), init_method="env://", timeout=_timedelta(timeout))
+
+
+# gloo/c10d messages of a collective that lost its peer (the peer failed, not this rank)
+_PEER_LOST = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Connection refused|Timed out waiting|"
+    r"[Tt]imeout|ECONNRESET|EPIPE|Socket closed|Connection timed out|NCCL communicator was aborted"
+)
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank went away or hung."""
+    dist_error = getattr(dist, "DistError", ())
+    return isinstance(e, dist_error) or bool(_PEER_LOST.search(str(e)))
 
 
 def run_rank(rank: int, init: Callable[[], None], fn: Callable, args: tuple) -> tuple[str, Any]:
     """Body of every worker process: join the group, run ``fn``, return (status, payload).
+    status: ``ok`` (payload: the result), ``user`` (a ``DmtrecError``), ``peer`` (a collective
+    that lost another rank), ``error`` (anything else: a bug; payload with the traceback).
 
     The payload is plain bytes (``torch.save``): tensors sent between processes directly
     travel as shared-memory handles that die with the worker before the parent reads them.
@@ -152,63 +219,148 @@ def run_rank(rank: int, init: Callable[[], None], fn: Callable, args: tuple) -> 
     except DmtrecError as e:
         return "user", str(e)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
-        return "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        status = "peer" if _lost_peer(e) else "error"
+        return status, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _worker(
-    rank: int, world: int, local: int, port: int, fn: Callable, args: tuple, q: Any
+    rank: int,
+    world: int,
+    local: int,
+    port: int,
+    fn: Callable,
+    args: tuple,
+    q: Any,
+    parent: int,
+    timeout: datetime.timedelta,
 ) -> None:
-    status, payload = run_rank(rank, lambda: init_local(rank, world, port, local), fn, args)
+    die_with_parent(parent)
+    status, payload = run_rank(
+        rank, lambda: init_local(rank, world, port, local, timeout), fn, args
+    )
     q.put((rank, status, payload))
 
 
 def _result(rank: int, status: str, payload: Any) -> Any:
     if status == "user":
         raise DmtrecError(payload)
-    if status == "error":
+    if status in ("error", "peer"):
         raise RuntimeError(f"rank {rank} failed: {payload}")
     return torch.load(io.BytesIO(payload), weights_only=False)
 
 
-def spawn(fn: Callable, args: tuple, world_size: int, ranks_per_host: int) -> list[Any]:
+def describe_exit(code: int | None) -> str:
+    """``exit code 3`` / ``killed by SIGKILL`` for a process's exit status."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def first_failure(
+    outcomes: dict[int, tuple[float, str, Any]],
+    alive: list[int],
+    timeout: datetime.timedelta,
+    where: Callable[[int], str] = lambda r: "",
+) -> Exception:
+    """The error to report for a failed run, from each failed rank's (time, status, payload)
+    -- status as ``run_rank``'s, or ``died`` with the exit status as payload -- and the ranks
+    still running. A rank that failed by itself wins over those that only lost it (``peer``);
+    among equals, the earliest. Only ``peer`` failures and a rank still running: it hung."""
+    own = {r: o for r, o in outcomes.items() if o[1] != "peer"}
+    if own:
+        rank = min(own, key=lambda r: (own[r][0], r))
+        _, status, payload = own[rank]
+        if status == "died":
+            return RankFailed(
+                f"rank {rank}{where(rank)} died ({describe_exit(payload)}); the other ranks "
+                "stopped with it",
+                rank,
+            )
+        if status == "user":
+            return DmtrecError(payload)
+        return RuntimeError(f"rank {rank}{where(rank)} failed: {payload}")
+    if alive:
+        rank = alive[0]
+        return RankFailed(
+            f"rank {rank}{where(rank)} did not answer within --timeout "
+            f"{timeout.total_seconds():g} s; the other ranks timed out waiting for it",
+            rank,
+        )
+    rank = min(outcomes, key=lambda r: (outcomes[r][0], r))
+    first_line = str(outcomes[rank][2]).splitlines()[0]
+    return RankFailed(f"rank {rank}{where(rank)} lost its peers: {first_line}", rank)
+
+
+def spawn(
+    fn: Callable,
+    args: tuple,
+    world_size: int,
+    ranks_per_host: int,
+    timeout: float | datetime.timedelta | None = None,
+) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` local processes; return each rank's result.
 
-    A worker's ``DmtrecError`` comes back as a ``DmtrecError``; any other failure as a
+    Collectives time out after ``timeout`` seconds (default ``TIMEOUT``). On failure the error
+    is that of the rank that failed first (``first_failure``): ``RankFailed`` for a rank that
+    died or hung, the worker's ``DmtrecError`` as a ``DmtrecError``, any other failure as a
     ``RuntimeError`` carrying the worker's traceback.
     """
+    td = _timedelta(timeout)
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     port = free_port()
     procs = [
         ctx.Process(
-            target=_worker, args=(r, world_size, ranks_per_host, port, fn, args, q), daemon=True
+            target=_worker,
+            args=(r, world_size, ranks_per_host, port, fn, args, q, os.getpid(), td),
+            daemon=True,
         )
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    failed: dict[int, tuple[float, str, Any]] = {}
+    ended: dict[int, float] = {}  # rank -> when its process was first seen ended
+    first: float | None = None
     try:
-        while len(results) < world_size:
-            if q.empty():
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"rank {dead[0]} died (exit code {procs[dead[0]].exitcode})")
-                time.sleep(0.05)
-                continue
-            rank, status, payload = q.get()
-            results[rank] = _result(rank, status, payload)
+        while len(results) + len(failed) < world_size:
+            now = time.monotonic()
+            while not q.empty():
+                rank, status, payload = q.get()
+                if status == "ok":
+                    results[rank] = payload
+                else:
+                    failed[rank] = (ended.get(rank, now), status, payload)
+            for r, p in enumerate(procs):
+                if r in results or r in failed or p.exitcode is None:
+                    continue
+                ended.setdefault(r, now)
+                # its result may still be in the pipe: judge a silent exit after a moment
+                if now - ended[r] > 0.5 and q.empty():
+                    failed[r] = (ended[r], "died", p.exitcode)
+            if failed:
+                first = first if first is not None else now
+                if now - first > FAILURE_GRACE_S:
+                    break
+            time.sleep(0.05)
+        if failed:
+            alive = [r for r in range(world_size) if r not in results and r not in failed]
+            raise first_failure(failed, alive, td)
         for p in procs:
-            p.join(timeout=TIMEOUT.total_seconds())
+            p.join(timeout=td.total_seconds())
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
-    return [results[r] for r in range(world_size)]
+    return [_result(r, "ok", results[r]) for r in range(world_size)]
 
 
 def run_single(fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:

@@ -146,7 +146,7 @@ def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None
     preflight(dcfg, mcfg, tcfg)
     world = tcfg.hosts * tcfg.ranks_per_host
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
-        init_from_env()
+        init_from_env(tcfg.timeout)
         metrics = train_worker(dcfg, mcfg, tcfg)
         if int(os.environ["RANK"]) != 0:
             return metrics
@@ -158,12 +158,14 @@ def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None
         elif hosts is not None:
             from dmtrec.emulate.launch import spawn_in_hosts
 
-            metrics = spawn_in_hosts(train_worker, (dcfg, mcfg, tcfg), hosts, tcfg.ranks_per_host)[
-                0
-            ]
+            metrics = spawn_in_hosts(
+                train_worker, (dcfg, mcfg, tcfg), hosts, tcfg.ranks_per_host, tcfg.timeout
+            )[0]
             metrics["link"] = {"mode": "netns", **hosts.link.to_dict()}
         else:
-            metrics = spawn(train_worker, (dcfg, mcfg, tcfg), world, tcfg.ranks_per_host)[0]
+            metrics = spawn(
+                train_worker, (dcfg, mcfg, tcfg), world, tcfg.ranks_per_host, tcfg.timeout
+            )[0]
             if world > 1:
                 metrics["link"] = {"mode": "none (loopback, unshaped)"}
         write_metrics(tcfg.out, metrics)

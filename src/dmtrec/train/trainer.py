@@ -81,6 +81,18 @@ class TrainConfig:
         0, "write a checkpoint every N steps (0: only at the end)", minimum=0
     )
     resume: bool = option(False, "continue from the checkpoint in --out")
+    keep_checkpoints: int = option(
+        2, "complete checkpoints kept in OUT/checkpoints (the newest ones)", minimum=1
+    )
+    max_restarts: int = option(
+        0,
+        "restart all ranks from the last complete checkpoint up to N times when a rank dies "
+        "(local launcher; under torchrun use its own --max-restarts)",
+        minimum=0,
+    )
+    timeout: float = option(
+        300.0, "seconds a collective waits for its peers before the run fails", minimum=1
+    )
     out: str = option("runs/train", "output directory (metrics.json, checkpoints, tb/)")
     log_every: int = option(50, "TensorBoard loss every N steps (0: no TensorBoard)", minimum=0)
     threads: int = option(0, "intra-op threads per process (0: cores / processes)", minimum=0)
@@ -111,6 +123,10 @@ class TrainConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be a finite number > 0, got {v}"
                 )
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(
+                f"--timeout must be a finite number of seconds > 0, got {self.timeout}"
+            )
         for name in ("epochs", "batch_size", "eval_batch_size", "hosts", "ranks_per_host"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
