@@ -38,6 +38,7 @@ WRITES = {
     ("bench", "scaling"): "bench_scaling.json",
     ("bench", "partition"): "bench_partition.json",
     ("simulate",): "simulate.json",
+    ("evaluate",): "metrics.json",
 }
 TIMEOUT_S = 600  # per command; a loaded shared box runs them several times slower
 
