@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-gpu lint format clean
 
 $(BIN)/dmtrec: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(BIN)/dmtrec
 test: $(BIN)/dmtrec
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -rs tests
+
+# The CUDA tests (tests/test_gpu.py), on a machine with GPUs and the CUDA builds of torch and
+# fbgemm-gpu 1.8.0; they skip themselves where CUDA is absent.
+test-gpu: $(BIN)/dmtrec
+	$(BIN)/python -m pytest -q -rs -m gpu tests/test_gpu.py
 
 lint: $(BIN)/dmtrec
 	$(BIN)/ruff check src tests benchmarks
