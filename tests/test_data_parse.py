@@ -213,8 +213,13 @@ def test_hex_kernels_on_planted_values():
     words = np.frombuffer(text.encode(), dtype="<u8")
     got, ok = hex8_words(words)
     assert ok.all() and np.array_equal(got, vals)
-    bad = np.frombuffer(b"0000000g" + b"1234 678" + b"\xff0000000", dtype="<u8")
+    # not hex: a 'g', a space, a high byte, and control characters that "| 0x20" would turn
+    # into digits ("\x10" | 0x20 == "0")
+    bad = np.frombuffer(b"0000000g" + b"1234 678" + b"\xff0000000" + b"\x100000000", dtype="<u8")
     assert not hex8_words(bad)[1].any()
+    edge = np.frombuffer(b"0000000000000000ffffffffFFFFFFFF99999999aAfF0909", dtype="<u8")
+    got, ok = hex8_words(edge)
+    assert ok.all() and got.tolist() == [0, 0, 2**32 - 1, 2**32 - 1, 0x99999999, 0xAAFF0909]
 
     import pyarrow as pa
 

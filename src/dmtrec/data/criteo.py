@@ -82,8 +82,22 @@ def read_tsv(buffer: pa.Buffer, convert: pa_csv.ConvertOptions) -> pa.Table:
 
 def validity(arr: pa.Array) -> np.ndarray:
     """Non-null mask of an Arrow array, from its validity bitmap."""
+    if arr.null_count == 0:
+        return np.ones(len(arr), dtype=bool)
     bits = np.frombuffer(arr.buffers()[0], dtype=np.uint8)
     return np.unpackbits(bits, bitorder="little")[arr.offset : arr.offset + len(arr)].view(bool)
+
+
+def validities(cols: list[pa.Array], n: int) -> np.ndarray:
+    """Non-null masks of equal-length arrays, (len(cols), n): one unpack for all bitmaps."""
+    nbytes = (n + 7) // 8
+    if any(c.offset for c in cols):
+        return np.stack([validity(c) for c in cols])
+    bits = np.full((len(cols), nbytes), 0xFF, dtype=np.uint8)
+    for j, c in enumerate(cols):
+        if c.null_count:
+            bits[j] = np.frombuffer(c.buffers()[0], dtype=np.uint8, count=nbytes)
+    return np.unpackbits(bits, axis=1, count=n, bitorder="little").view(bool)
 
 
 # -- vectorised hex ---------------------------------------------------------------------------
@@ -96,25 +110,55 @@ _HIGH = _u64(0x80 * _BYTES)
 _ZERO8 = _u64(0x30 * _BYTES)  # "00000000": stands in for a missing hash while validating
 
 
-def _in_range(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """High bit of each byte set where that byte (< 0x80) of ``x`` is in ``[lo, hi]``."""
-    return (x + _u64((0x80 - lo) * _BYTES)) & ~(x + _u64((0x7F - hi) * _BYTES)) & _HIGH
+_LOWER = _u64(0x20 * _BYTES)
+_NIBBLES = _u64(0x0F * _BYTES)
+_ONES = _u64(_BYTES)
+# x + _GE[lo] sets a byte's high bit iff that byte (< 0x80) >= lo; x + _GT[hi] iff it is > hi
+_DIGIT_GE, _DIGIT_GT = _u64((0x80 - 0x30) * _BYTES), _u64((0x7F - 0x39) * _BYTES)
+_ALPHA_GE, _ALPHA_GT = _u64((0x80 - 0x61) * _BYTES), _u64((0x7F - 0x66) * _BYTES)
+_PACK = [
+    (_u64(0x000F000F000F000F), _u64(4), _u64(8)),
+    (_u64(0x000000FF000000FF), _u64(8), _u64(16)),
+    (_u64(0xFFFF), _u64(16), _u64(32)),
+]
 
 
 def hex8_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Values and validity of 8-character hex strings held as little-endian uint64 words.
 
     Byte k of a word is character k (the most significant digit first). Valid characters are
-    ``0-9a-fA-F``; per byte the digit is ``(c & 0xF) + 9 * (c >> 6)``, and three shift/mask
-    rounds pack the eight nibbles into a 32-bit value.
+    ``0-9a-fA-F``: per byte, a range test by adding a constant and looking at the high bit
+    (no carry crosses bytes, since valid bytes are < 0x80 and a word with a high bit set is
+    invalid anyway); the digit is ``(c & 0xF) + 9 * (c >> 6)`` on ``c | 0x20``; three
+    shift/mask rounds pack the eight nibbles into a 32-bit value. In place on two temporaries:
+    allocation-free numpy ops are ~2x faster here.
     """
-    lower = words | _u64(0x20 * _BYTES)  # 'A'-'F' -> 'a'-'f'; digits are unchanged
-    ok = (words & _HIGH) == 0
-    ok &= (_in_range(lower, 0x30, 0x39) | _in_range(lower, 0x61, 0x66)) == _HIGH
-    d = (lower & _u64(0x0F * _BYTES)) + _u64(9) * ((lower >> _u64(6)) & _u64(_BYTES))
-    d = ((d & _u64(0x000F000F000F000F)) << _u64(4)) | ((d >> _u64(8)) & _u64(0x000F000F000F000F))
-    d = ((d & _u64(0x000000FF000000FF)) << _u64(8)) | ((d >> _u64(16)) & _u64(0x000000FF000000FF))
-    d = ((d & _u64(0xFFFF)) << _u64(16)) | ((d >> _u64(32)) & _u64(0xFFFF))
+    lower = words | _LOWER  # 'A'-'F' -> 'a'-'f' (digits keep their code; tested on words)
+    t, u = np.empty_like(words), np.empty_like(words)
+    acc = np.add(words, _DIGIT_GE)
+    np.add(words, _DIGIT_GT, out=u)
+    np.bitwise_not(u, out=u)
+    np.bitwise_and(acc, u, out=acc)  # high bit: a digit
+    np.add(lower, _ALPHA_GE, out=t)
+    np.add(lower, _ALPHA_GT, out=u)
+    np.bitwise_not(u, out=u)
+    np.bitwise_and(t, u, out=t)  # high bit: a letter a-f / A-F
+    np.bitwise_or(acc, t, out=acc)
+    np.bitwise_not(words, out=t)
+    np.bitwise_and(acc, t, out=acc)  # ... and the byte itself below 0x80
+    np.bitwise_and(acc, _HIGH, out=acc)
+    ok = acc == _HIGH
+    np.right_shift(lower, _u64(6), out=t)
+    np.bitwise_and(t, _ONES, out=t)
+    np.multiply(t, _u64(9), out=t)
+    d = np.bitwise_and(lower, _NIBBLES, out=lower)
+    np.add(d, t, out=d)  # one digit 0..15 per byte
+    for mask, left, right in _PACK:
+        np.bitwise_and(d, mask, out=t)
+        np.left_shift(t, left, out=t)
+        np.right_shift(d, right, out=d)
+        np.bitwise_and(d, mask, out=d)
+        np.bitwise_or(t, d, out=d)
     return d, ok
 
 
@@ -318,12 +362,13 @@ class CriteoTSV:
             return False
         labels[:] = byte
         counts = np.empty((NUM_DENSE, n), dtype=np.int64)
-        for j, col in enumerate(cols[1 : 1 + NUM_DENSE]):
+        dense_cols = cols[1 : 1 + NUM_DENSE]
+        for j, col in enumerate(dense_cols):
             counts[j] = np.frombuffer(
                 col.buffers()[1], dtype=np.int64, count=n, offset=col.offset * 8
             )
-            if col.null_count:
-                counts[j][~validity(col)] = 0
+        if any(c.null_count for c in dense_cols):
+            counts[~validities(dense_cols, n)] = 0
         np.maximum(counts, 0, out=counts)
         dense[:] = np.log1p(counts.astype(np.float64)).T
         sparse = cols[1 + NUM_DENSE :]
@@ -347,11 +392,9 @@ class CriteoTSV:
     def _hex8_columns(cols: list[pa.Array], n: int) -> tuple[np.ndarray | None, np.ndarray]:
         """Values and validity of 8-byte hash columns (F x n); values None if one is not hex."""
         words = np.empty((len(cols), n), dtype=np.uint64)
-        valid = np.ones((len(cols), n), dtype=bool)
         for j, col in enumerate(cols):
             words[j] = np.frombuffer(col.buffers()[1], dtype="<u8", count=n, offset=col.offset * 8)
-            if col.null_count:
-                valid[j] = validity(col)
+        valid = validities(cols, n)
         if not valid.all():
             words[~valid] = _ZERO8
         values, ok = hex8_words(words)
