@@ -21,9 +21,9 @@ Measured in one run, single-threaded (``torch.set_num_threads(1)``, pyarrow with
 shared box wall time also counts waiting for a core, so CPU time is the one-core figure;
 ``wall_rows_per_s`` and the load average are recorded beside it. The readers' passes are
 interleaved (pass i of each before pass i + 1 of any), so they meet the same load, and each
-reader's best of ``repeats`` passes is kept. ``preprocess_peak_rss_mb`` is the peak resident memory
-(``VmHWM``) of a fresh subprocess that runs ``preprocess`` on the whole ``rows``-row file;
-that subprocess imports neither torch nor TorchRec.
+reader's best of ``repeats`` passes is kept. ``preprocess_peak_rss_mb`` is the peak resident
+memory (``VmHWM``) of a fresh subprocess that runs ``preprocess`` on the whole ``rows``-row
+file; that subprocess imports neither torch nor TorchRec.
 """
 
 from __future__ import annotations
