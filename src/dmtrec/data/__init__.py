@@ -2,9 +2,10 @@
 store ``dmtrec preprocess`` writes (``preprocessed``).
 
 Each source has ``spec`` (a ``FeatureSpec``), ``stats`` (per-split ``DataStats``) and
-``batches(split, global_batch_size, *, epoch=0, rank=0, world_size=1)`` yielding this rank's
-slice of every global batch as TorchRec ``Batch`` es, parsing only those rows; the sequence of
-global batches depends on the data and the seed only (``dmtrec.data.shard``). ``load_data``
+``batches(split, global_batch_size, *, epoch=0, rank=0, world_size=1, start_step=0)`` yielding
+this rank's slice of every global batch as TorchRec ``Batch`` es, parsing only those rows; the
+sequence of global batches depends on the data and the seed only (``dmtrec.data.shard``), and
+``start_step`` resumes an epoch without parsing the steps before it. ``load_data``
 builds one from a picklable ``DataConfig`` so every distributed worker can open the same data
 itself.
 """
