@@ -64,7 +64,7 @@ def bench_config(dataset: str, seed: int, cache_dir: str | None = None) -> ExFMC
     if dataset == "synthetic":
         stream = StreamConfig(
             source="synthetic",
-            window_rows=4000,
+            window_rows=5000,
             num_windows=20,
             drift=0.05,
             new_ids=1,

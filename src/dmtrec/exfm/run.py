@@ -96,9 +96,19 @@ def summarize(
     """The ``exfm.json`` document: per VM and variant NE per window, mean, AUC and relative
     NE gain over the same VM without distillation, plus the 1-to-N inference accounting."""
     students: dict[str, dict[str, Any]] = {}
+    vm_info: dict[str, dict[str, Any]] = {}
     for vm, by_kd in results.items():
         none = by_kd.get("none")
         students[vm] = {}
+        first = next(iter(by_kd.values()))
+        vm_info[vm] = {
+            "model": first["model"]["model"],
+            "features": first["features"],
+            "traffic": first["traffic"],
+            "parameters": first["parameters"],  # trunk + serving head (what is served)
+        }
+        if "oracle_ne" in first:  # NE of the true probability on this VM's traffic
+            vm_info[vm]["oracle_ne"] = first["oracle_ne"]
         for kd, r in by_kd.items():
             gain = None
             if none is not None:
@@ -141,11 +151,9 @@ def summarize(
         "examples_labeled": das["examples_labeled"],
         "vms": vms,
         "fm_calls_if_each_vm_ran_the_fm": das["examples_labeled"] * vms,
+        "vm_info": vm_info,
         "students": students,
     }
-    any_r = next(iter(next(iter(results.values())).values()))
-    if "oracle_ne" in any_r:
-        doc["oracle_ne"] = any_r["oracle_ne"]
     return doc
 
 
@@ -163,9 +171,16 @@ def plot_ne(doc: dict[str, Any], path: Path) -> None:
         for kd, r in doc["students"][vm].items():
             ax.plot(r["windows"], r["ne"], marker=".", label=f"{kd} (mean {r['ne_mean']:.4f})")
         ts = [t for t, v in enumerate(fm_ne) if v is not None and t > 0]
-        ax.plot(ts, [fm_ne[t] for t in ts], ls=":", color="#666", label="FM as logged by the DAS")
-        if "oracle_ne" in doc:
-            ax.plot(r["windows"], doc["oracle_ne"], ls="--", color="#bbb", label="true probability")
+        ax.plot(
+            ts,
+            [fm_ne[t] for t in ts],
+            ls=":",
+            color="#666",
+            label="FM logged by the DAS (all traffic)",
+        )
+        oracle = doc["vm_info"][vm].get("oracle_ne")
+        if oracle is not None:
+            ax.plot(r["windows"], oracle, ls="--", color="#bbb", label="true probability")
         ax.set_title(f"{vm}: NE on the next window (fm_lag {doc['das']['fm_lag']})")
         ax.set_xlabel("window")
         ax.set_ylabel("NE (lower is better)")

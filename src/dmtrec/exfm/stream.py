@@ -75,21 +75,21 @@ class StreamConfig:
     """Where the stream comes from and how it is cut into windows."""
 
     source: str = option("synthetic", "synthetic | movielens | table", choices=SOURCES)
-    window_rows: int = option(4000, "examples per window (train on one, score the next)", minimum=1)
+    window_rows: int = option(5000, "examples per window (train on one, score the next)", minimum=1)
     # synthetic
-    num_windows: int = option(30, "synthetic: windows in the stream", minimum=2)
+    num_windows: int = option(20, "synthetic: windows in the stream", minimum=2)
     drift: float = option(
-        0.06, "synthetic: rotation of the planted interactions per window (rad)", minimum=0
+        0.05, "synthetic: rotation of the planted interactions per window (rad)", minimum=0
     )
-    new_ids: int = option(20, "synthetic: ids entering per feature per window", minimum=0)
-    active_ids: int = option(500, "synthetic: ids alive per feature at any time", minimum=2)
-    num_sparse: int = option(16, "synthetic: sparse features", minimum=1)
+    new_ids: int = option(1, "synthetic: ids entering per feature per window", minimum=0)
+    active_ids: int = option(30, "synthetic: ids alive per feature at any time", minimum=2)
+    num_sparse: int = option(10, "synthetic: sparse features", minimum=1)
     num_dense: int = option(4, "synthetic: dense features", minimum=0)
-    num_groups: int = option(4, "synthetic: planted interaction groups", minimum=1)
-    latent_rank: int = option(4, "synthetic: rank of the planted interactions", minimum=1)
+    num_groups: int = option(5, "synthetic: planted interaction groups", minimum=1)
+    latent_rank: int = option(2, "synthetic: rank of the planted interactions", minimum=1)
     zipf_alpha: float = option(1.05, "synthetic: power-law exponent of id popularity", minimum=0)
     logit_std: float = option(
-        1.5, "synthetic: spread of the interaction part of the logit", minimum=0
+        1.2, "synthetic: spread of the interaction part of the logit", minimum=0
     )
     base_rate: float = option(
         0.25, "synthetic: mean click probability of window 0", minimum=0, maximum=1

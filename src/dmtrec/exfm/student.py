@@ -148,9 +148,11 @@ def train_student(
     if kd != "none" and store is None:
         raise ValueError(f"kd={kd} needs a DAS store")
     dense, sparse = student_features(stream, scfg, f"student {scfg.name}")
-    vm, vm_opt = distribute(
-        build_vm(stream, scfg, kd, dcfg, seed), lr=optim.lr, sparse_lr=optim.sparse_lr, seed=seed
-    )
+    plain = build_vm(stream, scfg, kd, dcfg, seed)
+    tables = sum(p.numel() for p in plain.ebc.parameters())
+    served = sum(p.numel() for n, p in plain.named_parameters() if not n.startswith("distill."))
+    parameters = {"dense": served - tables, "embedding": tables}  # the served model's
+    vm, vm_opt = distribute(plain, lr=optim.lr, sparse_lr=optim.sparse_lr, seed=seed)
     sa = sa_opt = None
     if kd == "aux_sa":
         torch.manual_seed(seed)
@@ -199,6 +201,7 @@ def train_student(
         "model": asdict(scfg.model),
         "features": {"dense": dense, "sparse": sparse},
         "traffic": scfg.traffic,
+        "parameters": parameters,
     }
     if oracle:
         result["oracle_ne"] = oracle_ne
