@@ -96,7 +96,8 @@ def student_step(
     adapter's post-update output, detached). ``observers`` (SA, VM) see each step's phases.
     """
     if kd == "aux_sa":
-        assert teacher is not None and sa is not None and sa_opt is not None
+        if teacher is None or sa is None or sa_opt is None:
+            raise ValueError("kd=aux_sa needs teacher targets, the adapter and its optimizer")
         fm_logit = prob_logit(teacher.fm_prob).unsqueeze(-1)
         if bool(teacher.mask.any()):
             sa_batch = Batch(
