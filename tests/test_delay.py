@@ -68,7 +68,7 @@ def test_delays_and_counting_nest_and_restore_the_collectives(
 ) -> None:
     """As ``bench dmt`` uses them: counts are the same with delays injected, every delay is
     slept once per call, and leaving the blocks restores what was there before."""
-    from dmtrec.parallel import comm
+    from dmtrec.observe import comm
 
     calls: list[str] = []
     stubs = {
