@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from dmtrec.data import DataConfig
 from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig
+from dmtrec.train import checkpoint
 from dmtrec.train.trainer import TrainConfig, train_worker, write_metrics
 
 LOCK_NAME = ".lock"
@@ -139,34 +142,105 @@ def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None
     (rank 0's; other torchrun ranks return ``{}``) and write ``OUT/metrics.json``.
 
     ``hosts``: an entered ``emulate.netns.EmulatedHosts`` to run the ranks on a shaped 2-tier
-    network.
+    network. With ``--max-restarts N``, a local multi-process run whose rank dies (or hangs
+    past ``--timeout``) is restarted, all ranks, from the newest complete checkpoint, up to N
+    times; ``metrics["restarts"]`` records each (which rank, from which step, how long).
     """
-    from dmtrec.parallel.launch import init_from_env, run_single, spawn
-
     preflight(dcfg, mcfg, tcfg)
-    world = tcfg.hosts * tcfg.ranks_per_host
+    if tcfg.resume and checkpoint.latest(tcfg.out) is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoint.root(tcfg.out)}")
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
-        init_from_env(tcfg.timeout)
-        metrics = train_worker(dcfg, mcfg, tcfg)
-        if int(os.environ["RANK"]) != 0:
-            return metrics
-        write_metrics(tcfg.out, metrics)
-        return metrics
+        return _run_under_torchrun(dcfg, mcfg, tcfg)
     with OutputLock(tcfg.out):
-        if tcfg.parallel == "none":
-            metrics = run_single(train_worker, (dcfg, mcfg, tcfg))
-        elif hosts is not None:
-            from dmtrec.emulate.launch import spawn_in_hosts
-
-            metrics = spawn_in_hosts(
-                train_worker, (dcfg, mcfg, tcfg), hosts, tcfg.ranks_per_host, tcfg.timeout
-            )[0]
-            metrics["link"] = {"mode": "netns", **hosts.link.to_dict()}
-        else:
-            metrics = spawn(
-                train_worker, (dcfg, mcfg, tcfg), world, tcfg.ranks_per_host, tcfg.timeout
-            )[0]
-            if world > 1:
-                metrics["link"] = {"mode": "none (loopback, unshaped)"}
+        metrics = _run_with_restarts(dcfg, mcfg, tcfg, hosts)
         write_metrics(tcfg.out, metrics)
+    return metrics
+
+
+def _run_under_torchrun(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
+    """This process is one rank that torchrun started: rank 0 holds the lock (every rank
+    learns whether it got it); torchrun's own ``--max-restarts`` restarts the ranks, which
+    then resume from the newest checkpoint (``TORCHELASTIC_RESTART_COUNT`` > 0)."""
+    import torch.distributed as dist
+
+    from dmtrec.parallel.launch import init_from_env
+
+    init_from_env(tcfg.timeout)
+    lock = OutputLock(tcfg.out)
+    refused = [None]
+    if dist.get_rank() == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            refused = [str(e)]
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise ConfigError(refused[0])
+    try:
+        metrics = train_worker(dcfg, mcfg, tcfg)
+        if dist.get_rank() == 0:
+            write_metrics(tcfg.out, metrics)
+        return metrics
+    finally:
+        lock.release()
+
+
+def _launch(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts) -> dict[str, Any]:
+    from dmtrec.parallel.launch import run_single, spawn
+
+    world = tcfg.hosts * tcfg.ranks_per_host
+    if tcfg.parallel == "none":
+        return run_single(train_worker, (dcfg, mcfg, tcfg))
+    if hosts is not None:
+        from dmtrec.emulate.launch import spawn_in_hosts
+
+        metrics = spawn_in_hosts(
+            train_worker, (dcfg, mcfg, tcfg), hosts, tcfg.ranks_per_host, tcfg.timeout
+        )[0]
+        metrics["link"] = {"mode": "netns", **hosts.link.to_dict()}
+        return metrics
+    metrics = spawn(train_worker, (dcfg, mcfg, tcfg), world, tcfg.ranks_per_host, tcfg.timeout)[0]
+    if world > 1:
+        metrics["link"] = {"mode": "none (loopback, unshaped)"}
+    return metrics
+
+
+def _run_with_restarts(
+    dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts
+) -> dict[str, Any]:
+    """``_launch``, relaunched after a lost rank (``RankFailed``) up to ``--max-restarts``
+    times; the restarted ranks resume from the newest complete checkpoint (or start over when
+    there is none). A user error or a bug is never retried: it would fail the same way."""
+    from dmtrec.parallel.launch import RankFailed
+
+    restarts: list[dict[str, Any]] = []
+    before = os.environ.get("DMTREC_RESTART_COUNT")
+    try:
+        while True:
+            os.environ["DMTREC_RESTART_COUNT"] = str(len(restarts))
+            try:
+                metrics = _launch(dcfg, mcfg, tcfg, hosts)
+                break
+            except RankFailed as e:
+                if len(restarts) >= tcfg.max_restarts or tcfg.parallel == "none":
+                    raise
+                latest = checkpoint.latest(tcfg.out)
+                step = checkpoint.read_state(latest)["loop"]["step"] if latest else 0
+                restarts.append(
+                    {"rank": e.rank, "error": str(e), "failed_at": time.time(), "from_step": step}
+                )
+                print(
+                    f"dmtrec: {e}; restarting all ranks from step {step} "
+                    f"(restart {len(restarts)} of --max-restarts {tcfg.max_restarts})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        if before is None:
+            os.environ.pop("DMTREC_RESTART_COUNT", None)
+        else:
+            os.environ["DMTREC_RESTART_COUNT"] = before
+    if restarts:
+        restarts[-1]["restart_s"] = metrics.get("first_step_time", 0) - restarts[-1]["failed_at"]
+        metrics["restarts"] = restarts
     return metrics

@@ -6,7 +6,9 @@ world_size`` examples. Validation runs every epoch (and every ``eval_every`` ste
 ``early_stop_patience`` the run stops once the monitored metric has not improved for that many
 evaluations, and the best state is restored before the test evaluation, so reported test
 metrics are those of the best validation point, never of an overfit last epoch. Checkpoints
-hold model, optimizer state and the data position, so ``resume`` continues bit-exactly.
+(``train/checkpoint.py``: sharded, on ``torch.distributed.checkpoint``) hold model, optimizer
+state, the best state, RNG states and the data position, so ``resume`` continues bit-exactly on
+the same topology and reshards the tables onto another one.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from dmtrec.errors import ConfigError, DataError
 from dmtrec.models import ModelConfig
 from dmtrec.observe.comm import CommCounter
 from dmtrec.options import option
-from dmtrec.parallel.build import PARALLEL, Built, build
+from dmtrec.parallel.build import PARALLEL, Built, build, resolve_towers
 from dmtrec.parallel.launch import synchronize
 from dmtrec.parallel.sharding import COMM_PRECISIONS, SHARDING_TYPES, SPARSE_OPTIMIZERS
+from dmtrec.train import checkpoint
 from dmtrec.train.checks import LabelCheck, no_training_rows, report_skipped
 from dmtrec.train.metrics import quality
 from dmtrec.train.step import train_step
@@ -182,64 +185,15 @@ class EarlyStopping:
         return self.patience > 0 and self.bad >= self.patience
 
 
-def capture_state(model: torch.nn.Module) -> dict[str, Any]:
-    """A copy of this rank's part of ``model``'s state (sharded tables: the local shards).
-
-    Local tensors, not ``ShardedTensor`` objects: those refuse to unpickle in a sub-group
-    whose ranks differ from the world's (SPTT's host groups)."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    out: dict[str, Any] = {}
-    for key, value in model.state_dict().items():
-        if isinstance(value, ShardedTensor):
-            out[key] = [s.tensor.detach().clone() for s in value.local_shards()]
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.detach().clone()
-    return out
-
-
-@torch.no_grad()
-def restore_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Copy ``capture_state``'s values back into ``model`` in place (same topology)."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    for key, value in model.state_dict().items():
-        if key not in state:
-            continue
-        if isinstance(value, ShardedTensor):
-            for s, saved in zip(value.local_shards(), state[key]):
-                s.tensor.copy_(saved)
-        elif isinstance(value, torch.Tensor):
-            value.copy_(state[key])
-
-
-def local_batches(data, split: str, global_batch: int, rank: int, world: int, epoch: int = 0):
-    """This rank's slice of each global batch of ``split``: the source parses only these rows,
-    and the global batches are the same whatever the world size (a function of the data and
-    the seed; train is reshuffled every epoch)."""
-    return data.batches(split, global_batch, epoch=epoch, rank=rank, world_size=world)
-
-
-def _checkpoint_dir(out: str) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def _save(out: str, rank: int, state: dict[str, Any]) -> None:
-    """Atomic per-rank checkpoint (a crash mid-write leaves the previous one intact)."""
-    d = _checkpoint_dir(out)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f"rank{rank}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, d / f"rank{rank}.pt")
-
-
-def _snapshot(built: Built, state: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "model": built.model.state_dict(),
-        "optimizer": built.optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "state": {**state, "losses": list(state["losses"]), "history": list(state["history"])},
-    }
+def local_batches(
+    data, split: str, global_batch: int, rank: int, world: int, epoch: int = 0, start_step: int = 0
+):
+    """This rank's slice of each global batch of ``split`` from global batch ``start_step`` on:
+    the source parses only these rows, and the global batches are the same whatever the world
+    size (a function of the data and the seed; train is reshuffled every epoch)."""
+    return data.batches(
+        split, global_batch, epoch=epoch, rank=rank, world_size=world, start_step=start_step
+    )
 
 
 def set_threads(tcfg: TrainConfig, processes: int) -> int:
@@ -261,10 +215,15 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
     data = load_data(dcfg)
     if not {"valid", "test"} & set(data.splits):
         raise ConfigError("no --valid or --test data to evaluate on")
+    resolve_towers(mcfg, data.spec, tcfg.seed)
+    resume_from = _resume_point(tcfg, mcfg, data.spec, rank)
     built = build(data.spec, mcfg, tcfg, count_comm=tcfg.count_comm)
     counter = CommCounter(built.topology, rank) if tcfg.count_comm else None
     what = f"--train {','.join(dcfg.train)}" if dcfg.train else f"{dcfg.kind} train split"
+    config = checkpoint.config_doc(dcfg, mcfg, tcfg, data.spec)
     loop = _Loop(data, built, counter, tcfg, rank, world, what)
+    loop.keys, loop.config = checkpoint.reference_keys(mcfg, data.spec), config
+    loop.resume_from = resume_from
     if counter is not None:
         with counter.install():
             result = loop.run()
@@ -295,12 +254,31 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
         skipped_rows=sum(skipped.values()),
         skipped_by_split=skipped,
         config={"model": asdict(mcfg), "train": asdict(tcfg)},
+        resumed_from_step=loop.resumed_step,
+        first_step_time=loop.first_step_time,
     )
     if comm is not None:
         result["comm"] = comm
     if hasattr(data, "oracle_auc"):
         result["oracle_auc"] = data.oracle_auc(result["eval_split"])
     return result
+
+
+def _resume_point(tcfg: TrainConfig, mcfg: ModelConfig, spec, rank: int):
+    """The checkpoint this run continues from: ``--resume``'s (the newest complete one, checked
+    against this run's options), or on a restart after a lost rank the newest if any. A fresh
+    run removes an earlier run's checkpoints from ``--out``. Collective (a barrier)."""
+    attempt = checkpoint.restart_attempt()
+    path = checkpoint.latest(tcfg.out) if (tcfg.resume or attempt) else None
+    if tcfg.resume and path is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoint.root(tcfg.out)}")
+    if path is not None:
+        checkpoint.check_compatible(path, checkpoint.read_state(path), mcfg, tcfg, spec)
+    elif rank == 0:
+        checkpoint.clear(tcfg.out)
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    return path
 
 
 class _Loop:
@@ -329,23 +307,56 @@ class _Loop:
         self.best_state: dict[str, Any] | None = None
         self.writer = None
         self.has_valid = "valid" in data.splits
+        self.keys: list[str] = []  # reference-model keys (set by train_worker)
+        self.config: dict[str, Any] = {}  # the run's configs, written into each checkpoint
+        self.resume_from: Path | None = None
+        self.resumed_step: int | None = None
+        self.first_step_time: float | None = None  # wall clock of the first step's end
+        self.saved_step: int | None = None
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _resume(self) -> None:
-        ckpt = _checkpoint_dir(self.tcfg.out) / f"rank{self.rank}.pt"
-        if not ckpt.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt}")
-        saved = torch.load(ckpt, weights_only=False)
+    def _resume_position(self, path: Path) -> None:
+        """Continue from checkpoint ``path``'s data position, history and early stopping."""
+        self.state.update(checkpoint.read_state(path)["loop"])
+        self.stopper.best, self.stopper.bad = self.state["best"], self.state["bad_evals"]
+        self.resumed_step = self.saved_step = self.state["step"]
+
+    def _resume_tensors(self, path: Path, batch=None) -> None:
+        """Load checkpoint ``path``'s tensors in place (resharding to this run's layout).
+
+        With ``batch`` (the first one to train on), throw-away training steps run first, as
+        many as the uninterrupted run had run when DDP rebuilt its gradient buckets (after the
+        first step; with ``static_graph``, as TorchRec's DMP wraps, after the second): a
+        4-rank all-reduce sums in an order that depends on the bucket layout, and without
+        them the first resumed step differs in the last bit. They also create the
+        optimizers' lazy state. Everything they changed -- parameters, optimizer state, RNG
+        -- is then overwritten by the checkpoint."""
+        if batch is not None:
+            for _ in range(min(2, self.state["step"])):
+                train_step(self.model, self.optimizer, batch)
         for _, opt in self.optimizer.optimizers:
             if isinstance(opt, KeyedOptimizerWrapper):
                 opt.init_state()  # Adam's state is lazy; loading fills it in place
-        for p in self.model.parameters():  # init_state leaves zero grads behind
+        for p in self.model.parameters():  # a dropped gradient, not a stale one
             p.grad = None
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        self.state.update(saved["state"])
-        self.stopper.best, self.stopper.bad = self.state["best"], self.state["bad_evals"]
+        has_best = checkpoint.read_state(path)["has_best"]
+        best = checkpoint.clone_state(self.model, self.keys) if has_best else None
+        checkpoint.load(path, self.model, self.optimizer, self.keys, best)
+        self.best_state = best
+        if self.counter is not None:
+            self.counter.reset()  # the throw-away step is no training step
+
+    def _save(self) -> None:
+        """Checkpoint the current step (collective; once per step)."""
+        st = self.state
+        if self.saved_step == st["step"]:
+            return
+        loop = {**st, "losses": list(st["losses"]), "history": list(st["history"])}
+        checkpoint.save(
+            self.tcfg.out, st["step"], self.model, self.optimizer, self.keys, self.best_state,
+            {"loop": loop, "config": self.config}, self.tcfg.keep_checkpoints,
+        )  # fmt: skip
+        self.saved_step = st["step"]
 
     def read_stats(self) -> dict:
         """Per split, this rank's reading counters (train: its first complete pass)."""
@@ -365,7 +376,7 @@ class _Loop:
         st["history"].append({"epoch": epoch, "step": st["step"], **m, "best": improved})
         if improved:
             st["best"], st["best_epoch"], st["best_step"] = self.stopper.best, epoch, st["step"]
-            self.best_state = capture_state(self.model)
+            self.best_state = checkpoint.clone_state(self.model, self.keys)
         if self.rank == 0:
             mark = " *" if improved else ""
             print(
@@ -380,8 +391,9 @@ class _Loop:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         tcfg, st = self.tcfg, self.state
-        if tcfg.resume:
-            self._resume()
+        pending = self.resume_from  # its tensors are loaded at the first batch
+        if pending is not None:
+            self._resume_position(pending)
         if self.rank == 0 and tcfg.log_every:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -400,11 +412,15 @@ class _Loop:
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         labels = LabelCheck(self.device, self.what) if st["step"] == 0 else None
         for epoch in range(st["epoch"], tcfg.epochs):
-            batches = local_batches(self.data, "train", global_bs, self.rank, self.world, epoch)
-            for i, batch in enumerate(batches):
-                if i < st["step_in_epoch"]:
-                    continue  # resume: skip what the checkpoint already trained on
+            start = st["step_in_epoch"]  # > 0: a resumed epoch
+            batches = local_batches(
+                self.data, "train", global_bs, self.rank, self.world, epoch, start_step=start
+            )
+            for i, batch in enumerate(batches, start=start):
                 batch = batch.to(self.device)
+                if pending is not None:
+                    self._resume_tensors(pending, batch)
+                    pending = None
                 if scheduled:  # dense and fused groups (TBE reads its lr at each step)
                     f = lr_factor(st["step"], tcfg)
                     for group, base in zip(self.optimizer.param_groups, base_lrs):
@@ -419,6 +435,9 @@ class _Loop:
                 st["step"] += 1
                 st["step_in_epoch"] = i + 1
                 st["losses"].append(value)
+                if self.first_step_time is None:
+                    self.first_step_time = time.time()
+                checkpoint.fault_point("step", st["step"], self.rank)
                 if not math.isfinite(value):
                     raise DataError(
                         f"step {st['step']}: training loss is {value} (diverged); lower --lr "
@@ -434,7 +453,7 @@ class _Loop:
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.4f}")
                 if tcfg.checkpoint_every and st["step"] % tcfg.checkpoint_every == 0:
-                    _save(tcfg.out, self.rank, _snapshot(self.built, st))
+                    self._save()
                 if self.has_valid and tcfg.eval_every and st["step"] % tcfg.eval_every == 0:
                     self._validate(epoch)
                     stop = self.stopper.should_stop
@@ -462,13 +481,15 @@ class _Loop:
                     stop = self.stopper.should_stop
             if stop:
                 break
+        if pending is not None:  # resumed at the end of training: nothing left to train
+            self._resume_tensors(pending)
         if bar is not None:
             bar.close()
-        _save(tcfg.out, self.rank, _snapshot(self.built, st))  # where training stopped
+        self._save()  # where training stopped
         if self.counter is not None:
             self.counter.enabled = False  # per-step accounting covers training steps only
         if self.best_state is not None:  # evaluate the best validation point, not the last step
-            restore_state(self.model, self.best_state)
+            checkpoint.copy_into(self.model, self.keys, self.best_state)
         split = "test" if "test" in self.data.splits else "valid"
         if split not in self.data.splits:
             raise ConfigError("no --valid or --test data to evaluate on")
