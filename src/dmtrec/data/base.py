@@ -161,9 +161,10 @@ class Rows:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         n = len(self.labels)
+        lengths_t = None
         if isinstance(self.sparse, np.ndarray):
             values = np.ascontiguousarray(self.sparse, dtype=np.int64).reshape(-1)
-            lengths = np.ones(values.size, dtype=np.int32)
+            lengths_t = _ones(torch, values.size)
         else:
             cols = self.sparse
             values = np.concatenate(
@@ -175,7 +176,7 @@ class Rows:
         kjt = KeyedJaggedTensor(
             keys=list(keys),
             values=_tensor(torch, values, np.int64),
-            lengths=_tensor(torch, lengths, np.int32),
+            lengths=lengths_t if lengths_t is not None else _tensor(torch, lengths, np.int32),
             stride=n,
         )
         return Batch(
@@ -183,6 +184,21 @@ class Rows:
             sparse_features=kjt,
             labels=_tensor(torch, self.labels, np.float32),
         )
+
+
+_ONES: dict[int, object] = {}
+
+
+def _ones(torch, n: int):
+    """A read-only-by-convention int32 tensor of ``n`` ones, shared by all one-hot batches of
+    that size (as TorchRec's own Criteo datapipe shares its lengths): allocating and filling
+    a fresh one per batch cost more than the KJT's ids."""
+    t = _ONES.get(n)
+    if t is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        t = _ONES[n] = torch.ones(n, dtype=torch.int32)
+    return t
 
 
 def _tensor(torch, a: np.ndarray, dtype: type):

@@ -382,9 +382,9 @@ class CriteoTSV:
             values, valid = self._hex8_columns(sparse, n)
             if values is None:
                 return False
-        values %= self._moduli_u64
-        values += _u64(1)
-        values[~valid] = 0
+        np.remainder(values, self._moduli_u64, out=values)
+        np.add(values, _u64(1), out=values)
+        np.multiply(values, valid, out=values)  # missing -> id 0
         ids[:] = values
         return True
 
