@@ -89,7 +89,7 @@ def test_predict_and_evaluate_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_dmt_model_loads_on_one_process(tmp_path: Path) -> None:
     dcfg = DataConfig(synthetic=dict(SMALL))
     mcfg = ModelConfig(embedding_dim=8, num_towers=2, partition="planted", tm="dlrm", cr=2)
-    tcfg = TrainConfig(parallel="dmt", hosts=2, ranks_per_host=2, batch_size=64, out=str(tmp_path),
+    tcfg = TrainConfig(parallel="dmt", hosts=2, ranks_per_host=2, batch_size=64, epochs=1, out=str(tmp_path),
                        progress=False, log_every=0)  # fmt: skip
     run = run_train(dcfg, mcfg, tcfg)
     m = evaluate_saved(str(tmp_path / "model"), [], str(tmp_path / "ev"))

@@ -10,9 +10,11 @@ from dmtrec.train.trainer import TrainConfig
 
 def synthetic_schedule(epochs: int, seed: int, out: str) -> TrainConfig:
     """The training schedule every quality benchmark on synthetic data uses (one place, so
-    their numbers stay comparable): batch 128 per rank, Adam 3e-3, row-wise Adagrad 0.2."""
+    their numbers stay comparable): batch 128 per rank, Adam 3e-3, row-wise Adagrad 0.2, a
+    fixed number of epochs (no early stopping)."""
     return TrainConfig(
         epochs=epochs,
+        early_stop_patience=0,
         batch_size=128,
         lr=3e-3,
         sparse_lr=0.2,

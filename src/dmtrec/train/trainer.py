@@ -46,7 +46,9 @@ MONITORS = ("auc", "logloss")
 class TrainConfig:
     """Optimization, schedule, parallelism and output options."""
 
-    epochs: int = option(1, "passes over the training data", minimum=1)
+    # Defaults chosen on real data (benchmarks/REPORT.md, "Defaults"): train until validation
+    # stops improving, evaluate the best point.
+    epochs: int = option(20, "most passes over the training data", minimum=1)
     batch_size: int = option(
         256, "examples per step per rank (global batch = this x ranks)", minimum=1
     )
@@ -76,7 +78,7 @@ class TrainConfig:
         "auc", "validation metric for best state / early stopping", choices=MONITORS
     )
     early_stop_patience: int = option(
-        0, "stop after N evaluations without improvement (0: never stop early)", minimum=0
+        2, "stop after N evaluations without improvement (0: never stop early)", minimum=0
     )
     seed: int = option(0, "seed of the initialisation and the data order (and synthetic data)")
     max_steps: int = option(0, "stop after N steps (0: no limit)", minimum=0)
@@ -302,6 +304,7 @@ class _Loop:
         self.state: dict[str, Any] = {
             "epoch": 0, "step_in_epoch": 0, "step": 0, "losses": [], "history": [],
             "best": None, "best_epoch": None, "best_step": None, "bad_evals": 0,
+            "global_losses": [],
         }  # fmt: skip
         self.stopper = EarlyStopping(tcfg.monitor, tcfg.early_stop_patience)
         self.best_state: dict[str, Any] | None = None
@@ -313,6 +316,7 @@ class _Loop:
         self.resumed_step: int | None = None
         self.first_step_time: float | None = None  # wall clock of the first step's end
         self.saved_step: int | None = None
+        self.unreduced: list[tuple[float, int]] = []  # (local loss, rows) since the last gather
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume_position(self, path: Path) -> None:
@@ -346,12 +350,31 @@ class _Loop:
         if self.counter is not None:
             self.counter.reset()  # the throw-away step is no training step
 
+    def _gather_losses(self) -> None:
+        """Extend ``global_losses`` -- each step's mean loss over its whole global batch, the
+        same number whatever the topology (``losses`` are rank 0's own rows) -- with the steps
+        since the last gather: one ``all_gather_object`` per checkpoint, none per step.
+        Collective."""
+        mine, self.unreduced = self.unreduced, []
+        if self.world == 1:
+            self.state["global_losses"].extend(v for v, _ in mine)
+            return
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        for step in zip(*parts, strict=True):
+            rows = sum(n for _, n in step)
+            self.state["global_losses"].append(math.fsum(v * n for v, n in step) / rows)
+
     def _save(self) -> None:
         """Checkpoint the current step (collective; once per step)."""
         st = self.state
+        self._gather_losses()
         if self.saved_step == st["step"]:
             return
-        loop = {**st, "losses": list(st["losses"]), "history": list(st["history"])}
+        loop = {
+            **st, "losses": list(st["losses"]), "history": list(st["history"]),
+            "global_losses": list(st["global_losses"]),
+        }  # fmt: skip
         checkpoint.save(
             self.tcfg.out, st["step"], self.model, self.optimizer, self.keys, self.best_state,
             {"loop": loop, "config": self.config}, self.tcfg.keep_checkpoints,
@@ -435,6 +458,7 @@ class _Loop:
                 st["step"] += 1
                 st["step_in_epoch"] = i + 1
                 st["losses"].append(value)
+                self.unreduced.append((value, int(batch.labels.numel())))
                 if self.first_step_time is None:
                     self.first_step_time = time.time()
                 checkpoint.fault_point("step", st["step"], self.rank)
@@ -508,6 +532,7 @@ class _Loop:
             "steps": st["step"],
             "steps_timed": steps_timed,
             "losses": st["losses"],
+            "global_losses": st["global_losses"],
             "history": st["history"],
             "best_epoch": st["best_epoch"],
             "best_step": st["best_step"],
@@ -543,12 +568,14 @@ def evaluate(
 
 
 def write_metrics(out: str, metrics: dict[str, Any]) -> Path:
-    """``out/metrics.json`` (losses go to ``out/losses.json``)."""
+    """``out/metrics.json`` (rank 0's losses go to ``out/losses.json``, the global batch's to
+    ``out/global_losses.json``)."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    losses = metrics.pop("losses", None)
-    if losses is not None:
-        (d / "losses.json").write_text(json.dumps(losses))
+    for key in ("losses", "global_losses"):
+        values = metrics.pop(key, None)
+        if values is not None:
+            (d / f"{key}.json").write_text(json.dumps(values))
     path = d / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, default=float))
     return path
