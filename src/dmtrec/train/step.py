@@ -1,6 +1,6 @@
 """The one training step every path of dmtrec runs: trainer, benchmarks, partition probe, ExFM.
 
-A step is forward -> loss -> zero_grad -> backward -> optimizer step. The embedding tables'
+A step is forward -> loss -> clearing the gradients -> backward -> optimizer step. The embedding tables'
 optimizer is fused into their backward (TorchRec's ``apply_optimizer_in_backward``), so
 ``optimizer.step()`` updates the dense parameters and ``loss.backward()`` already updated the
 rows the batch touched. Keeping the sequence in one place means that a benchmark times exactly
