@@ -122,6 +122,18 @@ CASES: dict[str, Case] = {
         f"dmtrec: error: {t / 'train.tsv'}:3: 3 bad rows, more than --max-bad-rows 2 allows "
         "(last: col 1 (label): 'x' is not 0 or 1); fix the input or raise --max-bad-rows",
     ),
+    "timeout inf": lambda t: (
+        [*SYN, "--timeout", "inf"],
+        "dmtrec: error: --timeout must be a finite number of seconds > 0, got inf",
+    ),
+    "max-restarts -1": lambda t: (
+        [*SYN, "--max-restarts", "-1"],
+        "dmtrec: error: train: argument --max-restarts: must be >= 0, got -1",
+    ),
+    "resume without a checkpoint": lambda t: (
+        [*SYN, "--resume"],
+        f"dmtrec: error: --resume: no complete checkpoint in {t / 'out' / 'checkpoints'}",
+    ),
     "YAML epochs: abc": lambda t: (
         [*SYN, "--config", _yaml(t, "epochs: abc")],
         f"dmtrec: error: {t / 'c.yaml'}: epochs: expected an integer, got 'abc'",
@@ -215,3 +227,45 @@ def test_skipped_rows_go_to_a_jsonl_and_a_summary_line(
         f"{out / 'skipped_rows.jsonl'}"
     ]
     assert json.loads((out / "metrics.json").read_text())["skipped_rows"] == 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-step run (its final checkpoint: step 3) to resume with other options."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    assert main(["train", *SYN, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "option, now, then",
+    [
+        (["--embedding-dim", "8"], "--embedding-dim is 8", "16"),
+        (["--model", "dcn"], "--model is dcn", "dlrm"),
+        (["--top", "32"], "--top is 32", "64,32"),
+        (["--sparse-optimizer", "sgd"], "--sparse-optimizer is sgd", "rowwise_adagrad"),
+        (["--batch-size", "128"], "the global batch (--batch-size x ranks) is 128", "256"),
+    ],
+)
+def test_resume_with_an_option_that_changes_the_parameters(
+    trained: Path,
+    option: list[str],
+    now: str,
+    then: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--resume of a checkpoint written with another --model, --embedding-dim, ...: one line
+    naming the option, its value now and in the checkpoint."""
+    capsys.readouterr()
+    code, err = run_cli(
+        capsys, ["train", *SYN, "--epochs", "2", "--resume", *option, "--out", str(trained)]
+    )
+    ckpt = trained / "checkpoints" / "step-000000003"
+    tail = (
+        "; its data position counts global batches (use --batch-size 256 on 1 rank)"
+        if "batch" in now
+        else "; resume with the same value or train into another --out"
+    )
+    assert (code, err) == (
+        2, f"dmtrec: error: --resume: {now} but the checkpoint {ckpt} was written with {then}{tail}"
+    )  # fmt: skip

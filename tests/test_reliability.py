@@ -319,3 +319,37 @@ def test_dmt_checkpoint_reshards_to_1x2_and_to_one_process(
     d1 = max(abs(a - b) for a, b in zip(m1["global_losses"][8:], ref[8:12]))
     print(f"max |loss - 2x2 continuation|: 1x2 {d12:.3g}, one process {d1:.3g}")
     assert d12 < 1e-5 and d1 < 1e-5
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_to_resume(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL inside the step-8 checkpoint write (its shards written, not yet complete): the
+    directory is ignored, --resume continues from step 4 (taking over the dead run's lock),
+    and the result equals the uninterrupted run's bit for bit."""
+    from dmtrec.train import checkpoint
+
+    args = [
+        "train", *SMALL, "--num-train", "1000", "--num-valid", "200", "--num-test", "200",
+        "--batch-size", "100", "--epochs", "2", "--max-steps", "12", "--checkpoint-every", "4",
+        "--eval-every", "5", "--early-stop-patience", "0",
+    ]  # fmt: skip
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    assert main([*args, "--out", str(straight)]) == 0
+    env = dict(os.environ, DMTREC_FAULT="save:0:8")
+    killed = subprocess.run([sys.executable, "-c", CLI, *args, "--out", str(out)], env=env)
+    assert killed.returncode == -9
+    partial = out / "checkpoints" / ".tmp-000000008"
+    assert (partial / ".metadata").is_file() and not (partial / "state.json").exists()
+    assert checkpoint.latest(str(out)) == out / "checkpoints" / "step-000000004"
+    assert main([*args, "--resume", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 4
+    for name in ("losses.json", "global_losses.json"):
+        assert (out / name).read_text() == (straight / name).read_text()
+    _assert_same_parameters(straight, out)
+    # the newest --keep-checkpoints (2) are kept; the crashed write is gone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-000000008",
+        "step-000000012",
+    ]

@@ -351,7 +351,7 @@ def check_compatible(path: Path, saved: dict[str, Any], mcfg: Any, tcfg: Any, sp
         raise ConfigError(
             f"--resume: the global batch (--batch-size x ranks) is {tcfg.batch_size * world} but "
             f"{where} was written with {then_global}; its data position counts global batches "
-            f"(use --batch-size {then_global // world} on {world} ranks)"
+            f"(use --batch-size {then_global // world} on {world} rank{'s' if world > 1 else ''})"
             if then_global % world == 0
             else f"--resume: the global batch (--batch-size x ranks) is {tcfg.batch_size * world} "
             f"but {where} was written with {then_global}; its data position counts global batches"
