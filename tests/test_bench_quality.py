@@ -229,7 +229,8 @@ def test_run_quality_writes_schema_and_reuses_runs(tmp_path, monkeypatch):
         return 2.0
 
     monkeypatch.setattr(q, "_run", fake_run)
-    monkeypatch.setattr(q._Bench, "has_threads", lambda self: False)
+    help_text = {"now": "--epochs N (default: 1)"}  # what `dmtrec train --help` prints
+    monkeypatch.setattr(q._Bench, "_help", lambda self: help_text["now"])
     opts = dict(datasets="movielens100k", models="dmtrec_dlrm,dmtrec_dmt", cr_sweep="1,2,4")
     result = q.bench_quality(str(tmp_path / "out"), seeds=2, **opts, log=lambda s: None)
     written = json.loads((tmp_path / "out" / "bench_quality.json").read_text())
@@ -251,6 +252,20 @@ def test_run_quality_writes_schema_and_reuses_runs(tmp_path, monkeypatch):
     n = len(calls)
     q.bench_quality(str(tmp_path / "out"), seeds=2, **opts, log=lambda s: None)
     assert len(calls) - n == 2  # only the failed CR=4 runs are retried
+    n = len(calls)
+    help_text["now"] = "--epochs N (default: 20)"  # the CLI's defaults changed
+    q.bench_quality(str(tmp_path / "out"), seeds=2, **opts, log=lambda s: None)
+    assert len(calls) - n == 8  # same command lines, other defaults: nothing is reused
+
+
+def test_run_keys_ignore_output_locations():
+    cmd = ["py", "-c", "code", "train", "--model", "dlrm", "--out", "/a/out", "--seed", "1"]
+    other = [*cmd[:7], "/b/out", *cmd[8:]]
+    assert q.dmtrec_key(cmd, "f") == q.dmtrec_key(other, "f") != q.dmtrec_key(cmd, "g")
+    assert q.dmtrec_key(cmd, "f") == ["train", "--model", "dlrm", "--seed", "1", "defaults=f"]
+    job = {"model": "DLRM", "params": {"seed": 1, "model_root": "/a"}, "result": "/a/r.json"}
+    moved = {"model": "DLRM", "params": {"seed": 1, "model_root": "/b"}, "result": "/b/r.json"}
+    assert q.fuxictr_key(job) == q.fuxictr_key(moved) == {"model": "DLRM", "params": {"seed": 1}}
 
 
 def test_multi_hot_field_is_a_bag_in_both_libraries(tmp_path):

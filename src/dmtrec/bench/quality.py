@@ -55,6 +55,7 @@ command is unchanged is reused (``--no-reuse`` reruns), so an interrupted benchm
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -474,6 +475,20 @@ def dmtrec_model_args(model: str, cfg: QualityConfig) -> str | None:
     return DMTREC_MODEL_ARGS.get(model)
 
 
+def dmtrec_key(cmd: list[str], defaults: str) -> list[str]:
+    """What a dmtrec run's result depends on: its options (not the interpreter, not ``--out``)
+    and the CLI's defaults fingerprint."""
+    args = cmd[3:]
+    i = args.index("--out")
+    return [*args[:i], *args[i + 2 :], f"defaults={defaults}"]
+
+
+def fuxictr_key(job: dict[str, Any]) -> dict[str, Any]:
+    """What a FuxiCTR run's result depends on: the job without its output locations."""
+    params = {k: v for k, v in job["params"].items() if k != "model_root"}
+    return {**{k: v for k, v in job.items() if k != "result"}, "params": params}
+
+
 def dmtrec_command(
     data: Prepared, model_args: str, seed: int, out: str, cfg: QualityConfig, has_threads: bool
 ) -> list[str]:
@@ -679,15 +694,23 @@ class _Bench:
         self.env = _thread_env(cfg.threads)
         self.fuxictr_data = Path(os.path.expanduser(cfg.cache)) / "fuxictr_data"
         self._fuxi: str | None = None
-        self._has_threads: bool | None = None
+        self._train_help: str | None = None
+
+    def _help(self) -> str:
+        if self._train_help is None:
+            cmd = [sys.executable, "-c", _CLI, "train", "--help"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env)
+            self._train_help = proc.stdout
+        return self._train_help
 
     def has_threads(self) -> bool:
         """Whether ``dmtrec train`` has ``--threads`` (issue 13 adds it)."""
-        if self._has_threads is None:
-            cmd = [sys.executable, "-c", _CLI, "train", "--help"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env)
-            self._has_threads = "--threads" in proc.stdout
-        return self._has_threads
+        return "--threads" in self._help()
+
+    def defaults(self) -> str:
+        """A fingerprint of ``dmtrec train``'s options and defaults (its ``--help``): a record
+        made under other defaults is not reused even though its command line is the same."""
+        return hashlib.sha256(" ".join(self._help().split()).encode()).hexdigest()[:16]
 
     def fuxi_python(self) -> str:
         if self._fuxi is None:
@@ -706,12 +729,12 @@ class _Bench:
         if dmtrec_args is None:
             split_id = Path(data.paths["train"]).parent.name
             job = fuxictr_job(data, tag, seed, run_dir, self.cfg, self.fuxictr_data / split_id)
-            key: Any = job
+            key: Any = fuxictr_key(job)
         else:
             cmd = dmtrec_command(
                 data, dmtrec_args, seed, str(run_dir / "out"), self.cfg, self.has_threads()
             )
-            key = cmd[3:]  # the command without the interpreter
+            key = dmtrec_key(cmd, self.defaults())
         if self.cfg.reuse and rec_path.exists():
             saved = json.loads(rec_path.read_text())
             if saved.get("key") == key:
