@@ -359,6 +359,12 @@ def _run_bench_partition(fn, out: str, kwargs: dict[str, Any], args) -> None:
     print(f"wrote {Path(out) / 'bench_partition.json'}")
 
 
+def _load_bench_faults() -> Callable[..., Any]:
+    from dmtrec.bench.faults import bench_faults
+
+    return bench_faults
+
+
 def _load_bench_scaling() -> Callable[..., Any]:
     from dmtrec.bench.scaling import bench_scaling
 
@@ -529,6 +535,24 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         },
         out="runs/bench_exfm",
         run=_wrote("bench_exfm.json"),
+    ),
+    ("bench", "faults"): function_command(
+        "runs with a rank SIGKILLed at a random step, restarted from the last checkpoint, vs "
+        "the uninterrupted run; writes bench_faults.json",
+        _load_bench_faults,
+        {
+            "runs": "faulted runs (each kills one random rank after one random step)",
+            "parallel": "parallel mode of the job",
+            "hosts": "hosts H",
+            "ranks_per_host": "ranks per host L",
+            "steps": "training steps of every run",
+            "checkpoint_every": "checkpoint every N steps",
+            "seed": "seed of the job and of the fault draws",
+        },
+        out="runs/bench_faults",
+        run=_wrote("bench_faults.json"),
+        choices={"parallel": ("dmt", "baseline")},
+        minimum={"runs": 1, "hosts": 1, "ranks_per_host": 1, "steps": 2, "checkpoint_every": 1},
     ),
     ("bench", "scaling"): function_command(
         "Wukong vs DLRM vs DCNv2: AUC vs GFLOP/example; writes bench_scaling.json",
