@@ -172,6 +172,9 @@ class EmulatedHosts:
         d.mkdir(parents=True, exist_ok=True)
         lines = ["127.0.0.1 localhost"]
         lines += [f"{a} {n}" for a, n in zip(self.addresses, self.namespaces)]
+        # TCPStore's dual-stack listener sees IPv4 peers as v4-mapped IPv6 addresses, which
+        # glibc does not map back to the IPv4 lines above
+        lines += [f"::ffff:{a} {n}" for a, n in zip(self.addresses, self.namespaces)]
         (d / "hosts").write_text("\n".join(lines) + "\n")
 
     def __exit__(self, *exc: object) -> None:
