@@ -9,7 +9,9 @@ rank and step, the step it resumed from, whether it finished, whether its final 
 for bit, and the times: ``detect_s`` (kill -> the launcher has judged the failure: the other
 ranks' errors are awaited a few seconds), ``restart_s`` (kill -> the restarted run's first
 training step, i.e. new processes, imports, rendezvous, build, checkpoint load and the
-throw-away steps). Writes ``OUT/bench_faults.json``.
+throw-away steps), to be read against ``uninterrupted_startup_s`` (launch -> first step of
+the uninterrupted run: the same minus detection and checkpoint). Writes
+``OUT/bench_faults.json``.
 """
 
 from __future__ import annotations
@@ -84,9 +86,12 @@ def bench_faults(
     rng = random.Random(seed)
     ref = root / "uninterrupted"
     shutil.rmtree(ref, ignore_errors=True)
-    t0 = time.perf_counter()
-    run_train(*_configs(ref, parallel, hosts, ranks_per_host, steps, checkpoint_every, seed, 0))
+    t0, wall0 = time.perf_counter(), time.time()
+    m0 = run_train(
+        *_configs(ref, parallel, hosts, ranks_per_host, steps, checkpoint_every, seed, 0)
+    )
     reference_s = time.perf_counter() - t0
+    startup_s = m0["first_step_time"] - wall0  # launch -> first step, no checkpoint to load
     records = []
     for i in range(runs):
         rank, step = rng.randrange(world), rng.randint(1, steps - 1)
@@ -165,6 +170,7 @@ def bench_faults(
         "detect_s": summary("detect_s"),
         "restart_s": summary("restart_s"),
         "uninterrupted_wall_s": reference_s,
+        "uninterrupted_startup_s": startup_s,
         "runs": records,
         "machine": {
             "cpus": os.cpu_count(),

@@ -4,7 +4,8 @@ Locally, ``spawn`` starts one process per rank on this machine; rendezvous and g
 stay on loopback (127.0.0.1, ``GLOO_SOCKET_IFNAME=lo``), every collective has a timeout
 (``--timeout``), and the processes are joined (or killed) before ``spawn`` returns. Workers
 never outlive their launcher: each asks the kernel for SIGKILL when its parent dies
-(``prctl(PR_SET_PDEATHSIG)``), so even a kill -9 of the launcher leaves no orphan.
+(``prctl(PR_SET_PDEATHSIG)``, ``parallel/lifeline.py``) before it imports anything heavy, so
+even a kill -9 of the launcher leaves no orphan.
 
 When a rank fails, the others fail soon after in their next collective ("connection closed
 by peer"); ``spawn`` waits a moment for every rank's outcome and reports the one that failed
@@ -15,7 +16,6 @@ with NCCL when CUDA is present: see the README.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import io
 import os
@@ -30,14 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dmtrec.errors import DmtrecError
 
-TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("DMTREC_DIST_TIMEOUT_S", "300")))
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("DMTREC_DIST_TIMEOUT_S", "300")))
 # after the first failure, how long to wait for the other ranks' outcomes before judging
 FAILURE_GRACE_S = 5.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class RankFailed(DmtrecError):
@@ -55,20 +53,6 @@ def _timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta
     if isinstance(timeout, datetime.timedelta):
         return timeout
     return datetime.timedelta(seconds=float(timeout))
-
-
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op).
-
-    ``parent_pid``: the launcher that started this process; if it is already gone (it died
-    before this call), exit now instead of running as an orphan.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def free_port() -> int:
@@ -226,22 +210,34 @@ def run_rank(rank: int, init: Callable[[], None], fn: Callable, args: tuple) -> 
             dist.destroy_process_group()
 
 
-def _worker(
-    rank: int,
-    world: int,
-    local: int,
-    port: int,
-    fn: Callable,
-    args: tuple,
-    q: Any,
-    parent: int,
-    timeout: datetime.timedelta,
-) -> None:
-    die_with_parent(parent)
-    status, payload = run_rank(
-        rank, lambda: init_local(rank, world, port, local, timeout), fn, args
-    )
-    q.put((rank, status, payload))
+def child_main(job: str, out_dir: str) -> None:
+    """A worker's body after ``lifeline.boot``: join the group the environment describes
+    (``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``, ``DMTREC_DIST_TIMEOUT_S``), run
+    the pickled ``(fn, args)`` of ``job`` and write ``(status, payload)`` (``run_rank``'s) to
+    ``out_dir/rank<R>.pkl``, atomically."""
+    import pickle
+
+    rank = int(os.environ["RANK"])
+
+    def load_and_run() -> Any:
+        with open(job, "rb") as f:
+            fn, args = pickle.load(f)
+        return fn(*args)
+
+    def init() -> None:
+        dist.init_process_group(
+            backend(),
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            rank=rank,
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=_timedelta(float(os.environ["DMTREC_DIST_TIMEOUT_S"])),
+        )
+
+    status, payload = run_rank(rank, init, load_and_run, ())
+    tmp = os.path.join(out_dir, f"rank{rank}.pkl.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((status, payload), f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pkl"))
 
 
 def _result(rank: int, status: str, payload: Any) -> Any:
@@ -297,6 +293,89 @@ def first_failure(
     return RankFailed(f"rank {rank}{where(rank)} lost its peers: {first_line}", rank)
 
 
+def start_ranks(
+    fn: Callable,
+    args: tuple,
+    envs: list[dict[str, str]],
+    timeout: float | datetime.timedelta | None = None,
+    prefixes: list[list[str]] | None = None,
+    where: Callable[[int], str] = lambda r: "",
+) -> list[Any]:
+    """Run ``fn(*args)`` in one new process per rank -- rank r with environment ``envs[r]``
+    (its ``RANK``, ``MASTER_ADDR``, ...), started behind ``prefixes[r]`` (e.g. ``ip netns
+    exec NS``) -- and return each rank's result; the common part of ``spawn`` and
+    ``emulate.launch.spawn_in_hosts``.
+
+    Each process runs ``lifeline.boot`` first (dies with this process, even before it has
+    imported torch), then ``child_main``; ``fn`` must be importable by module name (not defined
+    in ``__main__``). The processes are polled until each has a result or one failed; a
+    failure waits ``FAILURE_GRACE_S`` for the other ranks' outcomes and raises
+    ``first_failure``'s error. Every process is killed before this returns.
+    """
+    import pickle
+    import subprocess
+    import tempfile
+
+    from dmtrec.parallel.lifeline import BOOT
+
+    if getattr(fn, "__module__", None) == "__main__":
+        raise ValueError(
+            f"{getattr(fn, '__qualname__', fn)} is defined in __main__: workers import the "
+            "function by module name, so define it in a module"
+        )
+    td = _timedelta(timeout)
+    world = len(envs)
+    prefixes = prefixes or [[] for _ in range(world)]
+    path = os.pathsep.join(p for p in sys.path if p)  # the job may pickle test/script modules
+    with tempfile.TemporaryDirectory(prefix="dmtrec-ranks-") as tmp:
+        job = os.path.join(tmp, "job.pkl")
+        with open(job, "wb") as f:
+            pickle.dump((fn, args), f)
+        procs = []
+        try:
+            for r in range(world):
+                env = dict(
+                    os.environ,
+                    **envs[r],
+                    DMTREC_DIST_TIMEOUT_S=str(td.total_seconds()),
+                    PYTHONPATH=path,
+                )
+                cmd = [*prefixes[r], sys.executable, "-c", BOOT, str(os.getpid()), job, tmp]
+                procs.append(subprocess.Popen(cmd, env=env))
+            outcomes: dict[int, tuple[str, Any]] = {}
+            failed: dict[int, tuple[float, str, Any]] = {}
+            first: float | None = None
+            while len(outcomes) + len(failed) < world:
+                now = time.monotonic()
+                for r, p in enumerate(procs):
+                    if r in outcomes or r in failed:
+                        continue
+                    out = os.path.join(tmp, f"rank{r}.pkl")
+                    if os.path.exists(out):  # written (atomically) before the process ends
+                        with open(out, "rb") as f:
+                            o = pickle.load(f)
+                        if o[0] == "ok":
+                            outcomes[r] = o
+                        else:
+                            failed[r] = (os.path.getmtime(out), *o)
+                    elif p.poll() is not None:  # ended without writing its outcome
+                        failed[r] = (time.time(), "died", p.returncode)
+                if failed:
+                    first = first if first is not None else now
+                    if now - first > FAILURE_GRACE_S:
+                        break
+                time.sleep(0.05)
+            if failed:
+                alive = [r for r in range(world) if r not in outcomes and r not in failed]
+                raise first_failure(failed, alive, td, where)
+            return [_result(r, *outcomes[r]) for r in range(world)]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
 def spawn(
     fn: Callable,
     args: tuple,
@@ -304,63 +383,28 @@ def spawn(
     ranks_per_host: int,
     timeout: float | datetime.timedelta | None = None,
 ) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` local processes; return each rank's result.
+    """Run ``fn(*args)`` on ``world_size`` local processes over loopback; return each rank's
+    result (see ``start_ranks``: ``fn`` must be importable; the workers die with this process).
 
     Collectives time out after ``timeout`` seconds (default ``TIMEOUT``). On failure the error
     is that of the rank that failed first (``first_failure``): ``RankFailed`` for a rank that
     died or hung, the worker's ``DmtrecError`` as a ``DmtrecError``, any other failure as a
     ``RuntimeError`` carrying the worker's traceback.
     """
-    td = _timedelta(timeout)
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(r, world_size, ranks_per_host, port, fn, args, q, os.getpid(), td),
-            daemon=True,
+    port = str(free_port())
+    envs = [
+        dict(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RANK=str(r),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(r % ranks_per_host),
+            LOCAL_WORLD_SIZE=str(ranks_per_host),
+            GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
         )
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    failed: dict[int, tuple[float, str, Any]] = {}
-    ended: dict[int, float] = {}  # rank -> when its process was first seen ended
-    first: float | None = None
-    try:
-        while len(results) + len(failed) < world_size:
-            now = time.monotonic()
-            while not q.empty():
-                rank, status, payload = q.get()
-                if status == "ok":
-                    results[rank] = payload
-                else:
-                    failed[rank] = (ended.get(rank, now), status, payload)
-            for r, p in enumerate(procs):
-                if r in results or r in failed or p.exitcode is None:
-                    continue
-                ended.setdefault(r, now)
-                # its result may still be in the pipe: judge a silent exit after a moment
-                if now - ended[r] > 0.5 and q.empty():
-                    failed[r] = (ended[r], "died", p.exitcode)
-            if failed:
-                first = first if first is not None else now
-                if now - first > FAILURE_GRACE_S:
-                    break
-            time.sleep(0.05)
-        if failed:
-            alive = [r for r in range(world_size) if r not in results and r not in failed]
-            raise first_failure(failed, alive, td)
-        for p in procs:
-            p.join(timeout=td.total_seconds())
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [_result(r, "ok", results[r]) for r in range(world_size)]
+    return start_ranks(fn, args, envs, timeout)
 
 
 def run_single(fn: Callable, args: tuple, kwargs: dict | None = None) -> Any:
