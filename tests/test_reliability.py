@@ -219,9 +219,9 @@ def _configs(out: Path, parallel: str, hosts: int, ranks: int, batch: int, **tra
         model="dlrm", num_towers=towers, partition="sequential", tm="dlrm" if towers else "identity"
     )
     defaults = dict(
-        epochs=2, batch_size=batch, max_steps=12, checkpoint_every=4, keep_checkpoints=3,
-        eval_every=5, out=str(out), progress=False, log_every=0, parallel=parallel,
-        hosts=hosts, ranks_per_host=ranks, timeout=60,
+        epochs=2, early_stop_patience=0, batch_size=batch, max_steps=12, checkpoint_every=4,
+        keep_checkpoints=3, eval_every=5, out=str(out), progress=False, log_every=0,
+        parallel=parallel, hosts=hosts, ranks_per_host=ranks, timeout=60,
     )  # fmt: skip
     return data, model, TrainConfig(**{**defaults, **train})
 
