@@ -6,9 +6,10 @@ never installed and never committed):
 
 - ``movielens100k``: the 100k MovieLens ratings joined with the user and item tables; label
   ``rating >= 4``; 7 categorical fields: user, item, age, gender, occupation, zip, genres.
-  ``genres`` is multi-valued; until the readers take multi-hot fields it is ONE categorical
-  value, the item's genre flags joined in the file's column order (``Action|Comedy``, 216
-  distinct values): both libraries see the same string.
+  ``genres`` is the item's genre flags joined with ``|`` in the file's column order
+  (``Action|Comedy``); by default a multi-hot bag in both libraries (dmtrec ``--multi-hot``,
+  sum pooling; a FuxiCTR ``sequence`` field, its default masked mean pooling), with
+  ``--genres joined`` one categorical value (216 distinct strings).
 - ``adult``: the census income table; label ``income == ">50K"``; 8 categorical fields and 6
   numeric ones. The numeric columns are part of the data set definition, the same for both
   libraries: ``log1p(max(x, 0))`` then standardised with the train split's mean and std
