@@ -10,6 +10,7 @@ host are contiguous, LOCAL_WORLD_SIZE = L). DMT uses two kinds of groups:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -51,18 +52,39 @@ class Topology:
         return "intra" if self.host_of(src) == self.host_of(dst) else "cross"
 
     @classmethod
-    def from_env(cls) -> Topology:
-        """From torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE."""
+    def from_torchrun(
+        cls, hosts: int = 1, ranks_per_host: int = 1, env: Mapping[str, str] | None = None
+    ) -> Topology:
+        """The topology torchrun started (``from_env``), checked against ``--hosts`` and
+        ``--ranks-per-host``: under torchrun the environment decides, so an option left at
+        its default (1) takes the environment's value and any other value must equal it
+        (a disagreement is a one-line error naming the option and the environment value)."""
+        env = os.environ if env is None else env
         try:
-            world = int(os.environ["WORLD_SIZE"])
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            world = int(env["WORLD_SIZE"])
+            local = int(env.get("LOCAL_WORLD_SIZE", world))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"WORLD_SIZE/LOCAL_WORLD_SIZE are not set to integers: {e}") from None
-        if world % local:
+        if local < 1 or world % local:
             raise ConfigError(
                 f"LOCAL_WORLD_SIZE={local} (ranks per host) does not divide WORLD_SIZE={world}"
             )
+        if ranks_per_host not in (1, local):
+            raise ConfigError(
+                f"--ranks-per-host {ranks_per_host} disagrees with torchrun's "
+                f"LOCAL_WORLD_SIZE={local} (leave it out under torchrun)"
+            )
+        if hosts not in (1, world // local):
+            raise ConfigError(
+                f"--hosts {hosts} disagrees with torchrun's WORLD_SIZE={world} / "
+                f"LOCAL_WORLD_SIZE={local} = {world // local} hosts (leave it out under torchrun)"
+            )
         return cls(world // local, local)
+
+    @classmethod
+    def from_env(cls) -> Topology:
+        """From torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE."""
+        return cls.from_torchrun()
 
     @classmethod
     def from_world(cls, world_size: int, ranks_per_host: int) -> Topology:

@@ -146,10 +146,16 @@ def run_train(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig, hosts=None
     past ``--timeout``) is restarted, all ranks, from the newest complete checkpoint, up to N
     times; ``metrics["restarts"]`` records each (which rank, from which step, how long).
     """
+    torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if torchrun:  # hosts x ranks come from torchrun's environment (checked against the options)
+        from dmtrec.parallel.topology import Topology
+
+        topo = Topology.from_torchrun(tcfg.hosts, tcfg.ranks_per_host)
+        tcfg.hosts, tcfg.ranks_per_host = topo.hosts, topo.ranks_per_host
     preflight(dcfg, mcfg, tcfg)
     if tcfg.resume and checkpoint.latest(tcfg.out) is None:
         raise ConfigError(f"--resume: no complete checkpoint in {checkpoint.root(tcfg.out)}")
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
+    if torchrun:
         return _run_under_torchrun(dcfg, mcfg, tcfg)
     with OutputLock(tcfg.out):
         metrics = _run_with_restarts(dcfg, mcfg, tcfg, hosts)
