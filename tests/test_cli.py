@@ -25,8 +25,8 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
         (["--towers", "30"], "--towers 30 exceeds the number of sparse features (26)"),
         (["--towers", "0"], "--towers must be >= 1"),
         (
-            ["--towers", "4", "--tm", "dlrm", "--cr", "8"],
-            "--cr 8 is larger than a tower of 7 features",
+            ["--towers", "4", "--tm", "dlrm", "--cr", "200"],
+            "--cr 200 is larger than a tower of 7 features x 16 dims (112 numbers per sample)",
         ),
         (["--towers", "2", "--tm", "magic"], "--tm: unknown 'magic'; choose from identity"),
         (

@@ -10,7 +10,7 @@ from dmtrec.data.base import FeatureSpec, make_batch
 from dmtrec.errors import ConfigError
 from dmtrec.models import ModelConfig, build_model
 from dmtrec.models.common import FlatModel
-from dmtrec.models.tower_modules import CrossTM, DotTM, make_tower_module
+from dmtrec.models.tower_modules import CrossTM, DotTM, make_tower_module, widen
 
 SPEC = FeatureSpec(dense=["d1", "d2"], sparse=["a", "b", "c"], num_embeddings=[5, 6, 7])
 
@@ -85,8 +85,8 @@ def test_identity_towers_equal_flat_model_in_tower_order() -> None:
         (dict(towers=[["a", "b"], ["b", "c"]]), "more than one tower: b"),
         (dict(towers=[["a", "b"], ["c"]], tm="mystery"), "--tm: unknown tower module 'mystery'"),
         (
-            dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=2),
-            "--cr 2 is larger than a tower of 1 features",
+            dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=17),
+            "--cr 17 is larger than a tower of 1 features x 16 dims (16 numbers per sample)",
         ),
         (dict(towers=[["a", "b"], ["c"]], tm="dlrm", cr=0), "--cr must be >= 1"),
         (
@@ -110,3 +110,13 @@ def test_make_tower_module_output_count() -> None:
     for kind in ("dlrm", "dcn", "wukong"):
         for m, cr, n in ((7, 2, 4), (7, 3, 3), (7, 7, 1), (5, 4, 2)):
             assert make_tower_module(kind, m, 4, cr)(torch.randn(3, m, 4)).shape == (3, n, 4)
+    # beyond the width (m < CR <= m * D): one output of ceil(m * D / CR) numbers, which
+    # ``widen`` zero-pads to D on the home side
+    for kind in ("dlrm", "dcn", "wukong"):
+        for m, cr, w in ((4, 8, 2), (3, 5, 3), (2, 8, 1)):
+            tm = make_tower_module(kind, m, 4, cr)
+            out = tm(torch.randn(3, m, 4))
+            assert (tm.num_outputs, tm.width, out.shape) == (1, w, (3, 1, w))
+            padded = widen(out, 4)
+            assert padded.shape == (3, 1, 4) and torch.equal(padded[..., :w], out)
+            assert not padded[..., w:].any()

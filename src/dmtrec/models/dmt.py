@@ -1,7 +1,8 @@
 """The Disaggregated Multi-Tower model, single-process reference (plain math, no groups).
 
 Sparse features are partitioned into K towers. Tower k's pooled embeddings (B x m_k x D) go
-through its tower module TM_k to m_k/CR virtual features; the virtual features of all towers,
+through its tower module TM_k to ceil(m_k/CR) virtual features (beyond CR = m_k: one narrower
+feature, zero-padded to D, see ``tower_modules``); the virtual features of all towers,
 concatenated in tower order, are the sparse input of the global head (DLRM or DCN interaction
 + top MLP). With identity TMs this *is* the flat model with its features listed in tower order:
 SPTT changes where things are computed, not what.
@@ -17,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dmtrec.data.base import FeatureSpec
 from dmtrec.errors import ConfigError
 from dmtrec.models.common import embedding_l2, stack_pooled
-from dmtrec.models.tower_modules import make_tower_module
+from dmtrec.models.tower_modules import make_tower_module, widen
 
 
 def check_towers(towers: list[list[str]], features: list[str]) -> None:
@@ -67,8 +68,9 @@ class MultiTower(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.ebc(sparse)
+        dim = self.ebc.embedding_bag_configs()[0].embedding_dim
         virtual = [
-            tm(embedding_l2(stack_pooled(pooled, feats), self.embedding_l2))
+            widen(tm(embedding_l2(stack_pooled(pooled, feats), self.embedding_l2)), dim)
             for tm, feats in zip(self.tower_modules, self.towers)
         ]
         return self.head(dense, torch.cat(virtual, dim=1))

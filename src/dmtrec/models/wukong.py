@@ -162,6 +162,7 @@ class WukongTM(nn.Module):
         if num_outputs < 1:
             raise ValueError("WukongTM needs num_outputs >= 1")
         self.num_outputs = num_outputs
+        self.width = num_outputs * embedding_dim
         nF = math.ceil(num_outputs / 2)
         self.layer = WukongLayer(
             num_features,
