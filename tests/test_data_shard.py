@@ -252,6 +252,19 @@ def test_load_data_wires_shuffle_and_seed(criteo_split):
     assert ids == list(range(1000)) + list(range(600))
 
 
+def test_the_shuffle_follows_the_runs_seed_unless_shuffle_seed_is_given(criteo_split):
+    cfg = DataConfig(kind="criteo", train=criteo_split, block_mb=4096 / 2**20)
+
+    def order(seed: int) -> list[int]:
+        return [i for b in load_data(cfg, seed=seed).batches("train", 100) for i in row_ids(b)]
+
+    by_seed = {s: order(s) for s in (0, 1, 7)}
+    assert by_seed[0] != by_seed[1] != by_seed[7] and by_seed[0] == order(0)
+    assert sorted(by_seed[1]) == sorted(by_seed[0])  # the same rows, another order
+    cfg.shuffle_seed = 7  # an explicit --shuffle-seed wins over --seed
+    assert order(0) == order(1) == by_seed[7]
+
+
 def test_bad_shard_arguments_are_config_errors(criteo_split):
     reader = CriteoTSV({"train": criteo_split})
     with pytest.raises(ConfigError, match="rank 4 is not in"):

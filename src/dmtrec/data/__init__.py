@@ -55,7 +55,9 @@ class DataConfig:
     shuffle: bool = option(
         True, "shuffle the train split every epoch (seeded: file blocks and rows within them)"
     )
-    shuffle_seed: int = option(0, "seed of the per-epoch shuffle of file data", minimum=0)
+    shuffle_seed: int | None = option(
+        None, "seed of the per-epoch shuffle of file data (none: the run's --seed)", minimum=0
+    )
     block_mb: float = option(
         8.0, "text files: MiB per block, the unit of reading and of the shuffle", minimum=0.001
     )
@@ -70,11 +72,14 @@ class DataConfig:
     )
 
 
-def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None):
+def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None, seed: int = 0):
     """Open the data source ``cfg`` describes; errors name the offending option.
 
     ``vocab_values`` (a saved model's column vocabularies) makes a csv/parquet source encode
-    with them instead of counting a train split (which it then does not need)."""
+    with them instead of counting a train split (which it then does not need). ``seed`` is the
+    run's ``--seed``: file data are shuffled from it unless ``--shuffle-seed`` is given (the
+    synthetic generator's rows and order follow its own seed, the same ``--seed``)."""
+    shuffle_seed = seed if cfg.shuffle_seed is None else cfg.shuffle_seed
     if cfg.pooling_mode not in POOLING_MODES:
         raise ConfigError(f"--pooling-mode must be sum or mean, not {cfg.pooling_mode!r}")
     if cfg.kind == "synthetic":
@@ -103,7 +108,7 @@ def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None):
         return PreprocessedData(
             cfg.train[0],
             shuffle=cfg.shuffle,
-            seed=cfg.shuffle_seed,
+            seed=shuffle_seed,
             block_rows=cfg.block_rows,
             pooling=cfg.pooling_mode,
         )
@@ -117,7 +122,7 @@ def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None):
             table_size=cfg.table_size,
             max_bad_rows=cfg.max_bad_rows,
             shuffle=cfg.shuffle,
-            seed=cfg.shuffle_seed,
+            seed=shuffle_seed,
             block_bytes=block_bytes,
             progress_every=cfg.progress_every,
         )
@@ -138,7 +143,7 @@ def load_data(cfg: DataConfig, vocab_values: dict[str, Any] | None = None):
         multi_hot=cfg.multi_hot,
         multi_hot_sep=cfg.multi_hot_sep,
         shuffle=cfg.shuffle,
-        seed=cfg.shuffle_seed,
+        seed=shuffle_seed,
         block_bytes=block_bytes,
         pooling=cfg.pooling_mode,
         progress_every=cfg.progress_every,

@@ -214,7 +214,7 @@ def train_worker(dcfg: DataConfig, mcfg: ModelConfig, tcfg: TrainConfig) -> dict
     tcfg.validate()
     rank, world = dist.get_rank(), dist.get_world_size()
     threads = set_threads(tcfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    data = load_data(dcfg)
+    data = load_data(dcfg, seed=tcfg.seed)
     if not {"valid", "test"} & set(data.splits):
         raise ConfigError("no --valid or --test data to evaluate on")
     resolve_towers(mcfg, data.spec, tcfg.seed)
