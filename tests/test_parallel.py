@@ -99,9 +99,19 @@ def test_sptt_identity_equals_flat_model() -> None:
     _check(results, ref)
 
 
-@pytest.mark.parametrize("tm", ["dlrm", "dcn", "wukong"])
-def test_sptt_equals_multitower_reference(tm: str) -> None:
-    setup = StepSetup(DATA, ModelConfig(towers=EVEN_TOWERS, tm=tm, cr=2))
+@pytest.mark.parametrize(
+    "tm, towers, cr",
+    [
+        ("dlrm", EVEN_TOWERS, 2),
+        ("dcn", EVEN_TOWERS, 2),
+        ("wukong", EVEN_TOWERS, 2),
+        # beyond the towers' widths (3, 1, 4 features x 16 dims): narrow outputs of 6, 2, 8
+        # numbers, zero-padded after the exchange; towers arrive host-major, not in order
+        ("dlrm", TOWERS, 8),
+    ],
+)
+def test_sptt_equals_multitower_reference(tm: str, towers: list, cr: int) -> None:
+    setup = StepSetup(DATA, ModelConfig(towers=towers, tm=tm, cr=cr))
     results = _run(setup)
     model, data = reference_model(setup)
     ref = reference_step(model, global_batch(data, setup))
@@ -128,6 +138,7 @@ def test_pooled_cross_host_bytes_scale_as_one_over_cr() -> None:
         (TOWERS, "identity", 1),
         (EVEN_TOWERS, "dlrm", 2),
         (EVEN_TOWERS, "dlrm", 4),
+        (EVEN_TOWERS, "dlrm", 8),  # CR > m = 4: one narrow output of 4 * 16 / 8 numbers
     ]:
         comm = _run(StepSetup(DATA, ModelConfig(towers=towers, tm=tm, cr=cr)))[0]["comm"]
         assert comm["pooled_cross_host_bytes_per_step"] == closed_form / cr

@@ -21,7 +21,8 @@ files under the cache directory; every model and every seed reads those same fil
 dmtrec runs ``dmtrec train --data csv`` as a subprocess per (model, seed) with the CLI's
 default options (plus ``--train-args`` when sweeping settings) and reads ``OUT/metrics.json``;
 ``dmtrec_dmt`` adds ``--parallel dmt --hosts 2 --ranks-per-host 1 --towers 2 --partition
-learned --tm dlrm --cr 2`` and the CR sweep the same with ``--cr`` in 1, 2, 4, 8, 16.
+learned --tm dlrm --cr 2 --batch-size 128`` (2 ranks x 128: the flat models' global batch of
+256, so both take the same steps) and the CR sweep the same with ``--cr`` in 1, 2, 4, 8, 16.
 
 FuxiCTR (pip ``fuxictr==2.3.10``) runs in its own virtualenv (``--fuxictr-python``,
 ``$DMTREC_FUXICTR_PYTHON``, or one created by ``--install-fuxictr``); it is not a dependency of
@@ -90,9 +91,10 @@ MODELS = (
 CRS = (1, 2, 4, 8, 16)
 LABEL = "label"
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+# --batch-size is per rank: 2 ranks x 128 = the flat models' default global batch (256)
 DMT_ARGS = (
     "--model dlrm --parallel dmt --hosts 2 --ranks-per-host 1 --towers 2 --partition learned "
-    "--tm dlrm"
+    "--tm dlrm --batch-size 128"
 )
 DMTREC_MODEL_ARGS = {
     "dmtrec_dlrm": "--model dlrm",

@@ -31,6 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from dmtrec.errors import ConfigError
 from dmtrec.models.common import ebc_pooling, embedding_l2, make_ebc, stack_pooled, table_sizes
 from dmtrec.models.dmt import MultiTower
+from dmtrec.models.tower_modules import widen
 from dmtrec.observe.comm import count_ddp
 from dmtrec.parallel.sharding import add_fused_embedding_optimizer, copy_table_weights, shard
 from dmtrec.parallel.topology import ProcessGroups
@@ -75,7 +76,7 @@ class HostTowers(nn.Module):
             tm(embedding_l2(stack_pooled(pooled, feats), lam))
             for tm, feats in zip(self.tms, self.towers)
         ]
-        return torch.cat(outs, dim=1)  # (H*B) x n_host x D
+        return torch.cat([o.flatten(1) for o in outs], dim=1)  # (H*B) x host width
 
 
 class SPTT(nn.Module):
@@ -142,23 +143,16 @@ class SPTT(nn.Module):
             if count_comm:
                 count_ddp(towers_mod)
         self.host_towers = towers_mod
-        # 4. widths (numbers per sample) each host returns; reorder host-major -> tower order
-        outs = [model.tower_modules[k].num_outputs for k in range(len(towers))]
-        self.host_width = [sum(outs[k] for k in ks) * dim for ks in host_towers]
+        # 4. widths (numbers per sample) each host returns; host-major -> tower order at home
+        tms = model.tower_modules
+        self.host_width = [sum(tms[k].width for k in ks) for ks in host_towers]
         self.return_dist = PooledEmbeddingsAllToAll(
             groups.peer, self.host_width, device, codecs=return_codecs
         )
-        start = [sum(outs[:k]) for k in range(len(towers))]
-        self.register_buffer(
-            "virtual_order",
-            torch.argsort(
-                torch.tensor(
-                    [start[k] + j for ks in host_towers for k in ks for j in range(outs[k])],
-                    device=device,
-                )
-            ),
-            persistent=False,
-        )
+        self._arrival = [k for ks in host_towers for k in ks]  # towers in the received order
+        self._arrival_width = [tms[k].width for k in self._arrival]
+        self._arrival_outputs = [tms[k].num_outputs for k in self._arrival]
+        self._tower_order = sorted(range(len(towers)), key=self._arrival.__getitem__)
         # 5. the global head, data parallel over all ranks
         head = model.head.to(device)
         # No buffer broadcast per forward (as TorchRec's DMP wraps its dense part): the head's
@@ -196,15 +190,20 @@ class SPTT(nn.Module):
         return self.id_dist(sparse.permute(order, order_t)).wait().wait()
 
     def return_to_home(self, out: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """4. TM outputs ((H*B) x n_host x D, blocks of B per source host) back to the samples'
-        home ranks over the peer group; B x n_virtual x D in tower order.
+        """4. TM outputs ((H*B) x host width, blocks of B per source host) back to the samples'
+        home ranks over the peer group; B x n_virtual x D in tower order (narrow outputs of
+        CR > m zero-padded to D here, after the exchange).
 
         TorchRec's ``PooledEmbeddingsAllToAll`` (with the run's qcomm codecs) over the peer
         group: its backward divides the returning gradient by H (``GRADIENT_DIVISION``), which
         with DDP's and TorchRec's 1/L inside the host makes every gradient the (1/N)-average
         of the reference's mean loss."""
-        recv = self.return_dist(out.reshape(out.shape[0], -1)).wait()  # B x sum(host widths)
-        return recv.view(batch_size, -1, self.dim).index_select(1, self.virtual_order)
+        recv = self.return_dist(out).wait()  # B x sum(host widths), towers in arrival order
+        parts = [
+            widen(p.view(batch_size, n, -1), self.dim)
+            for p, n in zip(recv.split(self._arrival_width, dim=1), self._arrival_outputs)
+        ]
+        return torch.cat([parts[i] for i in self._tower_order], dim=1)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         local = self.exchange_ids(sparse)
