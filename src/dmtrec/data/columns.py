@@ -42,13 +42,13 @@ import pyarrow.csv as pa_csv
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Jagged, Rows
 from dmtrec.data.progress import Progress, with_progress
-from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batches
+from dmtrec.data.shard import BlockSource, block_permutation
 from dmtrec.data.stream import BadRow, BadRows, short_repr
 from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
 from dmtrec.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from torchrec.datasets.utils import Batch
+    pass
 
 FORMATS = ("csv", "parquet")
 BLOCK_BYTES = 8 << 20
@@ -290,7 +290,7 @@ class _ParquetBlock:
         return [f"row {x}" for x in (self.file.group_start[self.group] + records + 1).tolist()]
 
 
-class ColumnTable:
+class ColumnTable(BlockSource):
     """CSV or Parquet tables per split, with user-named label, dense and sparse columns.
 
     ``paths`` maps split (train/valid/test) to a file or a list of files; train is required
@@ -426,23 +426,10 @@ class ColumnTable:
         """Splits that have files, in train/valid/test order."""
         return [s for s in SPLITS if s in self.paths]
 
-    def batches(
-        self,
-        split: str,
-        global_batch_size: int,
-        *,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``),
-        from global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are
-        not parsed)."""
+    def split_blocks(self, split: str, epoch: int, stats: DataStats, rank: int) -> Iterator[_Block]:
+        """The split's blocks in epoch order (shuffled: train), with read progress on rank 0."""
         if split not in self.paths:
             raise ConfigError(f"no file given for split {split!r}")
-        check_shard_args(global_batch_size, rank, world_size)
-        stats = self.stats[split] = DataStats()
         shuffle = self.shuffle and split == "train"
         blocks: Iterator[_Block] = self._blocks(
             split, epoch, BadRows(stats, self.max_bad_rows), shuffle
@@ -450,8 +437,7 @@ class ColumnTable:
         if self.progress_every > 0 and rank == 0:
             total = sum(os.path.getsize(p) for p in self.paths[split])
             blocks = with_progress(blocks, f"reading {split}", total, self.progress_every)
-        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
-        return (r.to_batch(self.sparse) for r in rows)
+        return blocks
 
     def to_rows(self, raw: RawColumns) -> Rows:
         """Apply the vocabularies: the rows' ids."""

@@ -34,13 +34,13 @@ import pyarrow.csv as pa_csv
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Rows
 from dmtrec.data.progress import with_progress
-from dmtrec.data.shard import block_permutation, check_shard_args, sharded_batches
+from dmtrec.data.shard import BlockSource, block_permutation
 from dmtrec.data.stream import BadRow, BadRows, short_repr
 from dmtrec.data.text import TextBlock, TextFile, epoch_blocks
 from dmtrec.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from torchrec.datasets.utils import Batch
+    pass
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -195,7 +195,7 @@ def hex_binary(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 # -- the reader -------------------------------------------------------------------------------
-class CriteoTSV:
+class CriteoTSV(BlockSource):
     """Criteo day files: ``paths`` maps a split (train/valid/test) to its files.
 
     ``table_size`` is the embedding table size, one for all 26 features or one per feature;
@@ -262,29 +262,17 @@ class CriteoTSV:
             for i, p in enumerate(self.paths[split])
         ]
 
-    def batches(
-        self,
-        split: str,
-        global_batch_size: int,
-        *,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``),
-        from global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are
-        not parsed)."""
+    def split_blocks(
+        self, split: str, epoch: int, stats: DataStats, rank: int
+    ) -> Iterator[_CriteoBlock]:
+        """The split's blocks in epoch order, with read progress on rank 0."""
         if split not in self.paths:
             raise ConfigError(f"no files given for split {split!r}")
-        check_shard_args(global_batch_size, rank, world_size)
-        stats = self.stats[split] = DataStats()
         blocks = self.blocks(split, epoch, BadRows(stats, self.max_bad_rows))
         if self.progress_every > 0 and rank == 0:
             total = sum(os.path.getsize(p) for p in self.paths[split])
             blocks = with_progress(blocks, f"reading {split}", total, self.progress_every)
-        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
-        return (r.to_batch(self.spec.sparse) for r in rows)
+        return blocks
 
     def blocks(self, split: str, epoch: int, bad: BadRows) -> Iterator[_CriteoBlock]:
         """The split's blocks in epoch order, ready to parse."""

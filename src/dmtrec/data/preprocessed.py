@@ -26,16 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Jagged, Rows
-from dmtrec.data.shard import (
-    block_permutation,
-    check_shard_args,
-    epoch_permutation,
-    sharded_batches,
-)
+from dmtrec.data.shard import BlockSource, block_permutation, epoch_permutation
 from dmtrec.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from torchrec.datasets.utils import Batch
+    pass
 
 FORMAT = "dmtrec-preprocessed"
 VERSION = 1
@@ -111,7 +106,7 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-class PreprocessedData:
+class PreprocessedData(BlockSource):
     """A preprocessed store: the splits it holds, read memory-mapped, each rank its rows.
 
     ``shuffle`` permutes the train split every epoch from ``seed``: blocks of ``block_rows``
@@ -159,27 +154,13 @@ class PreprocessedData:
     def num_examples(self, split: str) -> int:
         return sum(p.n for p in self.parts[split])
 
-    def batches(
-        self,
-        split: str,
-        global_batch_size: int,
-        *,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (see ``dmtrec.data.shard``),
-        from global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are
-        not parsed)."""
+    def split_blocks(
+        self, split: str, epoch: int, stats: DataStats, rank: int
+    ) -> Iterator[_PartBlock]:
+        """The split's blocks (``--block-rows`` rows of a part) in epoch order."""
         if split not in self.parts:
             raise ConfigError(f"{self.path}: the store has no {split} split")
-        check_shard_args(global_batch_size, rank, world_size)
-        stats = self.stats[split] = DataStats()
-        rows = sharded_batches(
-            self._blocks(split, epoch), global_batch_size, rank, world_size, stats, start_step
-        )
-        return (r.to_batch(self.spec.sparse) for r in rows)
+        return self._blocks(split, epoch)
 
     def _blocks(self, split: str, epoch: int) -> Iterator[_PartBlock]:
         shuffle = self.shuffle and split == "train"

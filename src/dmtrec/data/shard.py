@@ -34,12 +34,15 @@ ever duplicated or parsed twice.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from dmtrec.data.base import DataStats, Rows
+from dmtrec.data.base import DataStats, FeatureSpec, Rows
 from dmtrec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchrec.datasets.utils import Batch
 
 # Rows one rank parses per call at most (a wave of whole batches): bounds memory for sources
 # with a single huge block (in-memory tables) and keeps each parse call large.
@@ -208,3 +211,43 @@ def _top_up(
             return None  # every record of the global batch is bad: all ranks skip it
         part = found.slice(0, 1)
     return part.take(np.arange(b) % len(part))
+
+
+class BlockSource:
+    """What every data source's ``batches`` does, around the source's own blocks.
+
+    A source (Criteo TSV, column table, preprocessed store, synthetic) sets ``spec`` and
+    ``stats`` and implements ``split_blocks``: it checks that the split exists (eagerly, so a
+    missing split is an error at the call) and returns the split's blocks in ``epoch``'s
+    order. Everything else -- the shard arguments, this rank's slice of each global batch,
+    resuming at a step, the skip counts, the TorchRec batches -- is here, once.
+    """
+
+    spec: FeatureSpec
+    stats: dict[str, DataStats]
+
+    def split_blocks(self, split: str, epoch: int, stats: DataStats, rank: int) -> Iterable[Block]:
+        """The blocks of ``split`` in ``epoch``'s order (bad rows counted into ``stats``;
+        ``rank`` 0 may show read progress)."""
+        raise NotImplementedError
+
+    def batches(
+        self,
+        split: str,
+        global_batch_size: int,
+        *,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ) -> Iterator[Batch]:
+        """This rank's slice of each global batch of ``split`` (``sharded_batches``), from
+        global batch ``start_step`` of ``epoch`` on (a resumed epoch: earlier batches are not
+        parsed); train is shuffled per epoch where the source shuffles, eval splits are not."""
+        stats = DataStats()
+        blocks = self.split_blocks(split, epoch, stats, rank)
+        check_shard_args(global_batch_size, rank, world_size)
+        self.stats[split] = stats
+        rows = sharded_batches(blocks, global_batch_size, rank, world_size, stats, start_step)
+        keys = self.spec.sparse
+        return (r.to_batch(keys) for r in rows)

@@ -21,16 +21,14 @@ Everything is a function of ``seed``: the same seed gives the same tables, rows 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
-from torchrec.datasets.utils import Batch
 
 from dmtrec.data.base import SPLITS, DataStats, FeatureSpec, Jagged, Rows
-from dmtrec.data.shard import check_shard_args, sharded_batches
+from dmtrec.data.shard import BlockSource
 from dmtrec.errors import ConfigError
 from dmtrec.options import option
 
@@ -88,12 +86,13 @@ class SyntheticConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
 
 
-class SyntheticData:
+class SyntheticData(BlockSource):
     """In-memory synthetic data set (train/valid/test) generated from ``config.seed``."""
 
     def __init__(self, config: SyntheticConfig, shuffle: bool = True) -> None:
         config.validate()
         self.shuffle = shuffle  # the train split in a seeded permutation per epoch
+        self.stats: dict[str, DataStats] = {}
         self.config = c = config
         rng = np.random.default_rng(c.seed)
         f = c.num_sparse
@@ -232,30 +231,15 @@ class SyntheticData:
     def num_examples(self, split: str) -> int:
         return len(self._splits[split][2])
 
-    def batches(
-        self,
-        split: str,
-        global_batch_size: int,
-        *,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> Iterator[Batch]:
-        """This rank's slice of each global batch of ``split`` (``dmtrec.data.shard``) from
-        global batch ``start_step`` on; train is shuffled per epoch (a seeded permutation of
-        all rows), eval splits are not."""
-        check_shard_args(global_batch_size, rank, world_size)
+    def split_blocks(
+        self, split: str, epoch: int, stats: DataStats, rank: int
+    ) -> list[_TableBlock]:
+        """The split as one block; train in a seeded permutation of all rows per epoch."""
         n = len(self._splits[split][2])
         order = None
         if split == "train" and self.shuffle:
             order = np.random.default_rng([self.config.seed, 1000 + epoch]).permutation(n)
-        stats = DataStats()
-        block = _TableBlock(self, split, order)
-        rows = sharded_batches(
-            [block] if n else [], global_batch_size, rank, world_size, stats, start_step
-        )
-        return (r.to_batch(self.spec.sparse) for r in rows)
+        return [_TableBlock(self, split, order)] if n else []
 
     def rows(self, split: str, idx: np.ndarray) -> Rows:
         """Rows ``idx`` of ``split``."""
