@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +45,31 @@ def test_dlrm_forward_equals_hand_computation() -> None:
         h = _relu(p[top[0]] @ z + p[top[0][:-6] + "bias"])  # top MLP hidden layer
         logit = p[top[1]] @ h + p[top[1][:-6] + "bias"]  # final linear layer: the logit
         assert got[i] == pytest.approx(float(logit[0]), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "dcn", "wukong"])
+@pytest.mark.parametrize("regularised", [False, True])
+def test_no_dense_features_is_a_learned_constant_without_warnings(
+    kind: str, regularised: bool
+) -> None:
+    """Data without dense columns (e.g. MovieLens): the dense slot is one learned D-vector,
+    the same for every sample, and it trains; no zero-element weights are initialised."""
+    spec = FeatureSpec(dense=[], sparse=["a", "b", "c"], num_embeddings=[5, 6, 7])
+    extra = dict(dropout=0.1, batch_norm=True) if regularised else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_model(ModelConfig(model=kind, embedding_dim=4, **extra), spec)
+        batch = make_batch(
+            np.zeros((3, 0), np.float32), np.array([[0, 1, 2]] * 3), np.ones(3), spec.sparse
+        )
+        model.eval()
+        out = model(batch.dense_features, batch.sparse_features)
+    const = model.head.dense_arch
+    assert list(const(batch.dense_features).shape) == [3, 4]
+    assert torch.equal(const(batch.dense_features)[0], const(batch.dense_features)[2])
+    out.sum().backward()
+    assert const.value.grad is not None and const.value.grad.abs().sum() > 0
+    assert not [p for p in model.parameters() if p.numel() == 0]
 
 
 def test_dot_tower_module_formula() -> None:

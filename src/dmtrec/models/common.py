@@ -148,10 +148,27 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+class LearnedConstant(nn.Module):
+    """The dense slot of a model without dense features: one learned D-vector per sample.
+
+    A bottom MLP of zero inputs computes a constant (its biases through the layers), so this
+    is the same function class without zero-element weights (and their init warning)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.empty(dim).uniform_(-(dim**-0.5), dim**-0.5))
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(dense.shape[0], -1)
+
+
 def dense_arch(num_dense: int, sizes: list[int], dropout: float, batch_norm: bool) -> nn.Module:
-    """Bottom MLP: TorchRec's ``DenseArch`` as is, or ``mlp`` when regularised (dropout/BN)."""
+    """Bottom MLP: TorchRec's ``DenseArch`` as is, or ``mlp`` when regularised (dropout/BN);
+    a ``LearnedConstant`` of the output size when the data have no dense features."""
     from torchrec.models.dlrm import DenseArch
 
+    if num_dense == 0:
+        return LearnedConstant(sizes[-1])
     if dropout == 0 and not batch_norm:
         return DenseArch(num_dense, sizes)
     return mlp(num_dense, sizes, dropout=dropout, batch_norm=batch_norm)
