@@ -373,3 +373,39 @@ def test_baseline_checkpoint_reshards_from_2x2_to_4x1(
     diff = max(abs(a - b) for a, b in zip(m["global_losses"][4:], ref[4:]))
     print(f"max |loss - 2x2 continuation|: 4x1 {diff:.3g}")
     assert m["global_losses"][:4] == ref[:4] and diff < 1e-5
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_a_killed_rank_bit_for_bit(tmp_path: Path) -> None:
+    """Under torchrun (standalone, loopback, 2 ranks of one host) with ``--max-restarts 1``:
+    rank 1 SIGKILLed after step 6, torchrun restarts both ranks, they resume from the step-4
+    checkpoint (TORCHELASTIC_RESTART_COUNT 1) and finish with the same losses and parameters
+    as the local launcher's uninterrupted run, bit for bit."""
+    args = [
+        "train", *SMALL, "--num-train", "1000", "--num-valid", "200", "--num-test", "200",
+        "--parallel", "baseline", "--hosts", "1", "--ranks-per-host", "2", "--epochs", "2",
+        "--early-stop-patience", "0", "--batch-size", "64", "--max-steps", "12",
+        "--checkpoint-every", "4", "--keep-checkpoints", "3", "--eval-every", "5",
+        "--log-every", "0", "--timeout", "60",
+    ]  # fmt: skip
+    straight, faulted = tmp_path / "straight", tmp_path / "torchrun"
+    assert main([*args, "--out", str(straight)]) == 0
+    env = dict(os.environ, DMTREC_FAULT="step:1:6", PYTHONUNBUFFERED="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = [*torchrun, "--nproc-per-node", "2", "--max-restarts", "1", "-m", "dmtrec.cli"]
+    proc = subprocess.run(
+        [*cmd, *args, "--out", str(faulted)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "internal error" not in proc.stdout + proc.stderr
+    # the surviving rank 0 says what happened to it (torchrun names the killed rank 1)
+    assert "dmtrec: error: rank 0 lost its peers in a collective" in proc.stderr
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((faulted / "metrics.json").read_text())
+    assert b["resumed_from_step"] == 4 and b["steps"] == a["steps"] == 12
+    for key in ("losses", "global_losses"):
+        assert json.loads((faulted / f"{key}.json").read_text()) == json.loads(
+            (straight / f"{key}.json").read_text()
+        )
+    assert (b["auc"], b["logloss"]) == (a["auc"], a["logloss"])
+    _assert_same_parameters(straight, faulted)

@@ -78,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DMTREC_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
+        from dmtrec.parallel.launch import lost_peer
+
+        if lost_peer(e):  # under torchrun: a peer died or hung (its own log says why)
+            print(
+                f"dmtrec: error: rank {os.environ.get('RANK', '?')} lost its peers in a "
+                f"collective (another rank died or hung): {msg}",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"dmtrec: internal error: {type(e).__name__}: {msg} (DMTREC_DEBUG=1 shows the traceback)",
             file=sys.stderr,

@@ -177,7 +177,7 @@ _PEER_LOST = re.compile(
 )
 
 
-def _lost_peer(e: BaseException) -> bool:
+def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is a collective failing because another rank went away or hung."""
     dist_error = getattr(dist, "DistError", ())
     return isinstance(e, dist_error) or bool(_PEER_LOST.search(str(e)))
@@ -203,7 +203,7 @@ def run_rank(rank: int, init: Callable[[], None], fn: Callable, args: tuple) -> 
     except DmtrecError as e:
         return "user", str(e)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
-        status = "peer" if _lost_peer(e) else "error"
+        status = "peer" if lost_peer(e) else "error"
         return status, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     finally:
         if dist.is_initialized():
