@@ -31,6 +31,7 @@ from dmtrec.models import ModelConfig
 from dmtrec.observe.comm import CommCounter
 from dmtrec.parallel.build import build
 from dmtrec.parallel.launch import rank_device, synchronize
+from dmtrec.parallel.sharding import COMM_PRECISIONS
 from dmtrec.parallel.topology import Topology, make_process_groups
 from dmtrec.train.step import train_step
 from dmtrec.train.trainer import TrainConfig, local_batches
@@ -57,6 +58,30 @@ def _measure_links(topo: Topology, nbytes: int = 1 << 22) -> dict[str, float]:
         sent = 3 * nbytes * (n - 1)
         out[f"{name}_MBps"] = sent / (time.perf_counter() - t0) / 1e6
     return out
+
+
+def host_cross_bytes(
+    counter: CommCounter, topo: Topology, steps: int, device: torch.device
+) -> list[float]:
+    """Cross-host bytes each host sends per step: the sum of its ranks' counted sends (a
+    collective: every rank calls it)."""
+    mine = sum(b for (_, link), b in counter.bytes.items() if link == "cross") / max(steps, 1)
+    sent = torch.zeros(topo.world_size, dtype=torch.float64, device=device)
+    sent[dist.get_rank()] = mine
+    dist.all_reduce(sent)
+    return [float(sum(sent[r] for r in topo.host_ranks(h))) for h in range(topo.hosts)]
+
+
+def host_link_Bps(
+    link: str, measured: dict[str, float], spec: LinkSpec, ranks_per_host: int
+) -> tuple[float, str]:
+    """Bytes/s of one host's cross-host link and where the figure comes from: under ``netns``
+    and ``none`` the probe's all-to-all rate (``_measure_links``: MB/s one rank reached while
+    all L ranks of its host sent at once, so the host link carries L times that); under
+    ``delay`` the rate the slept model charges a host (its L ranks get 1/L each)."""
+    if link == "delay":
+        return spec.cross_mbit * 1e6 / 8, "delay model (--cross-mbit)"
+    return measured["cross_MBps"] * 1e6 * ranks_per_host, "measured (probe all-to-all x L ranks)"
 
 
 def bench_worker(
@@ -94,10 +119,12 @@ def bench_worker(
         injected = torch.tensor([sum(slept) / max(steps, 1)], dtype=torch.float64)
     # outside the delays: these collectives are bookkeeping, not part of a step
     comm = counter.totals(steps)
+    host_bytes = host_cross_bytes(counter, topo, steps, built.device)
     injected = injected.to(built.device)  # NCCL reduces only accelerator tensors
     # the barriers make the slowest rank set the step time, so report the most any rank slept
     dist.all_reduce(injected, op=dist.ReduceOp.MAX)
     out = {"step_s": times, "comm": comm, "links": links, "injected_s": float(injected.item())}
+    out.update(host_cross_bytes=host_bytes, comm_precision_effective=built.comm_precision_effective)
     return out if rank == 0 else {}
 
 
@@ -115,12 +142,19 @@ def link_delay(
 
 
 def configs(
-    hosts: int, ranks_per_host: int, batch_size: int, towers: int, crs: list[int]
+    hosts: int,
+    ranks_per_host: int,
+    batch_size: int,
+    towers: int,
+    crs: list[int],
+    *,
+    comm_precision: str = "fp32",
 ) -> list[tuple[str, ModelConfig, TrainConfig]]:
     """The runs of one benchmark: two baselines, then DMT at each CR."""
     t = TrainConfig(
         batch_size=batch_size, hosts=hosts, ranks_per_host=ranks_per_host, progress=False
     )
+    t = replace(t, comm_precision=comm_precision)  # both sides, every run
     small = dict(embedding_dim=32, bottom=[32], top=[32])
     runs = [
         (
@@ -158,6 +192,7 @@ def bench_dmt(
     crs: tuple[int, ...] = (1, 2, 4, 8),
     warmup: int = 3,
     steps: int = 10,
+    comm_precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run every configuration under one link set-up; write ``bench.json`` and ``bench.png``."""
     from dmtrec.emulate.launch import spawn_in_hosts
@@ -173,6 +208,10 @@ def bench_dmt(
     ):
         if not value >= 0:
             raise ConfigError(f"{name} must be >= 0, got {value:g}")
+    if comm_precision not in COMM_PRECISIONS:
+        raise ConfigError(
+            f"--comm-precision must be one of {', '.join(COMM_PRECISIONS)}, got {comm_precision!r}"
+        )
     if link not in ("netns", "delay", "none"):
         raise ConfigError(f"--link must be netns, delay or none, got {link!r}")
     world = hosts * ranks_per_host
@@ -193,7 +232,9 @@ def bench_dmt(
 
     def run_all(launch) -> None:
         for i, (name, mcfg, tcfg) in enumerate(
-            configs(hosts, ranks_per_host, batch_size, towers, list(crs))
+            configs(
+                hosts, ranks_per_host, batch_size, towers, list(crs), comm_precision=comm_precision
+            )
         ):
             print(f"[bench dmt] {name} ...", flush=True)
             r = launch(bench_worker, (dcfg, mcfg, tcfg, warmup, steps, i == 0, delay))
@@ -204,6 +245,9 @@ def bench_dmt(
             results.append(
                 {
                     "name": name,
+                    "comm_precision": tcfg.comm_precision,
+                    "comm_precision_effective": r["comm_precision_effective"],
+                    "busiest_host_cross_bytes_per_step": max(r["host_cross_bytes"]),
                     "step_s_median": statistics.median(st),
                     "step_s_p90": sorted(st)[max(0, round(0.9 * len(st)) - 1)],
                     "examples_per_s": batch_size * world / statistics.median(st),
@@ -236,8 +280,14 @@ def bench_dmt(
     base_pooled = next(r for r in results if r["name"] == "baseline_table_wise")[
         "pooled_cross_host_bytes_per_step"
     ]
+    link_Bps, link_source = host_link_Bps(link, link_info["measured"], spec, ranks_per_host)
     for r in results:
         r["speedup_vs_baseline"] = base / r["step_s_median"]
+        # no step can be shorter than its busiest host link needs for its cross-host bytes
+        r["link_floor_s"] = r["busiest_host_cross_bytes_per_step"] / link_Bps
+        r["step_over_floor"] = (
+            r["step_s_median"] / r["link_floor_s"] if r["link_floor_s"] > 0 else None
+        )
         if r["name"].startswith("dmt_cr"):
             cr = int(r["name"][len("dmt_cr") :])
             r["pooled_bytes_ratio_vs_baseline"] = (
@@ -254,6 +304,9 @@ def bench_dmt(
         "batch_size_per_rank": batch_size,
         "num_sparse": num_sparse,
         "towers": towers,
+        "comm_precision": comm_precision,
+        "host_link_Bps": link_Bps,
+        "host_link_rate_source": link_source,
         "warmup": warmup,
         "steps": steps,
         "runs": results,
