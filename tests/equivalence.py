@@ -6,6 +6,12 @@ reference must reproduce: the global logits, the global mean loss, every dense g
 so embedding gradients are read off the table change under SGD: g = (w_before - w_after) / lr.
 ``reference_step`` does the same in one process on the plain model. Tests assert the two agree;
 users can run the same check on their own configuration.
+
+``train_steps`` runs several training steps end to end instead (the trainer's data slicing,
+optimizers and ``Stepper``, pipelined or not) and returns each step's global loss and the
+final parameters gathered into single-device keys, for comparison with the same run in one
+process: multi-step equivalence covers what one step cannot (DDP's bucket rebuild after the
+first step, optimizer state, the pipeline's prefetching).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class StepSetup:
     sharding: str = "table_wise"
     seed: int = 0
     extra: dict = field(default_factory=dict)  # more TrainConfig fields (e.g. comm_precision)
+    flat: bool = False  # train_steps: the flat model of the towers' feature order instead
 
 
 def _strip(name: str) -> str:
@@ -141,3 +148,94 @@ def assemble_table_grads(results: list[dict], table_shapes: dict[str, torch.Size
             for (r, c), g in pieces:
                 full[table][r : r + g.shape[0], c : c + g.shape[1]] = g
     return full
+
+
+def train_steps(setups: list[StepSetup], steps: int = 3) -> list[dict]:
+    """``steps`` training steps of each setup in turn (run on every rank of one process group
+    of the setups' topology): per setup, every step's loss over the global batch and, on rank
+    0, the final parameters by single-device key (``train.artifact.gather_state``).
+
+    Every setup starts from ``reference_model``'s weights; ``mode`` ``none`` runs one process
+    (its ``batch_size`` is then the global batch). ``flat`` trains the flat model with the
+    features in tower order (``FlatModel``, same weights), what DMT with identity TMs must
+    equal. Optimizers and the pipeline are the trainer's defaults unless ``extra`` says."""
+    from itertools import islice
+
+    from dmtrec.models.common import FlatModel
+    from dmtrec.train.artifact import gather_state
+    from dmtrec.train.step import Stepper
+    from dmtrec.train.trainer import local_batches
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for setup in setups:
+        model, data = reference_model(setup)
+        if setup.flat:
+            features = [f for t in setup.model.towers for f in t]
+            model = FlatModel(model.ebc, model.head, features)
+        opts = TrainConfig(
+            parallel=setup.mode,
+            hosts=setup.hosts,
+            ranks_per_host=setup.ranks_per_host,
+            sharding=setup.sharding,
+            seed=setup.seed,
+            batch_size=setup.batch_size,
+            **setup.extra,
+        )
+        mcfg = copy.deepcopy(setup.model)
+        built = build(data.spec, mcfg, opts, reference=copy.deepcopy(model))
+        stepper = Stepper(built.model, built.optimizer, built.device, opts.pipeline)
+        batches = local_batches(data, "train", setup.batch_size * world, rank, world)
+        losses = []
+        for loss, _, _ in stepper.steps(islice(batches, steps)):
+            total = loss.clone()
+            dist.all_reduce(total)
+            losses.append(float(total) / world)
+        pipelined = stepper.pipelined
+        stepper.detach()
+        assert len(losses) == steps, f"only {len(losses)} batches for {steps} steps"
+        state = gather_state(built.model, model)
+        results.append({"losses": losses, "state": state, "pipelined": pipelined})
+    return results
+
+
+def reference_train(setup: StepSetup, steps: int = 3) -> dict:
+    """``train_steps``'s steps in one process on the plain model (``flat``: the flat model of
+    the towers' order) over the same global batches: TorchRec's ``RowWiseAdagrad`` on the
+    tables' (dense) gradients -- the update fbgemm's fused kernel applies to the rows a batch
+    touches, untouched rows get none -- and Adam on the rest, at ``TrainConfig``'s rates.
+    Returns each step's loss and the final state dict."""
+    from itertools import islice
+
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from dmtrec.models.common import FlatModel
+
+    model, data = reference_model(setup)
+    if setup.flat:
+        features = [f for t in setup.model.towers for f in t]
+        model = FlatModel(model.ebc, model.head, features)
+    opts = TrainConfig(**setup.extra)
+    assert (opts.sparse_optimizer, opts.dense_optimizer) == ("rowwise_adagrad", "adam")
+    params = dict(model.named_parameters())
+    tables = [p for n, p in params.items() if ".embedding_bags." in n]
+    dense = [p for n, p in params.items() if ".embedding_bags." not in n]
+    optimizers = [RowWiseAdagrad(tables, lr=opts.sparse_lr, eps=1e-8)]
+    if dense:
+        optimizers.append(torch.optim.Adam(dense, lr=opts.lr))
+    world = setup.hosts * setup.ranks_per_host
+    losses = []
+    for batch in islice(data.batches("train", setup.batch_size * world), steps):
+        logits = model(batch.dense_features, batch.sparse_features)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        for opt in optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        losses.append(float(loss.detach()))
+    assert len(losses) == steps, f"only {len(losses)} batches for {steps} steps"
+    return {
+        "losses": losses,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }

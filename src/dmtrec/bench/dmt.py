@@ -33,7 +33,7 @@ from dmtrec.parallel.build import build
 from dmtrec.parallel.launch import rank_device, synchronize
 from dmtrec.parallel.sharding import COMM_PRECISIONS
 from dmtrec.parallel.topology import Topology, make_process_groups
-from dmtrec.train.step import train_step
+from dmtrec.train.step import PIPELINES, Stepper
 from dmtrec.train.trainer import TrainConfig, local_batches
 
 
@@ -104,18 +104,26 @@ def bench_worker(
     with counter.install(), inject_delay(topo, rank, delay or LinkDelay()) as slept:
         built = build(data.spec, mcfg, tcfg, count_comm=True)
         batches = [b.to(built.device) for b in batches]
-        for i in range(warmup + steps):
-            batch = batches[i % len(batches)]
-            if i == warmup:
+        stepper = Stepper(
+            built.model, built.optimizer, built.device, tcfg.pipeline, observer=counter
+        )
+        # warm-up and timed steps are two runs of the stepper: the pipeline is drained in
+        # between, so the counted bytes are exactly those of the timed batches
+        for start, n in ((0, warmup), (warmup, steps)):
+            run = stepper.steps(batches[i % len(batches)] for i in range(start, start + n))
+            for _ in range(n):
+                dist.barrier()
+                t0 = time.perf_counter()
+                next(run)
+                synchronize(built.device)
+                dist.barrier()
+                if start == warmup:
+                    times.append(time.perf_counter() - t0)
+            run.close()
+            if start == 0:
                 counter.reset()
                 slept.clear()
-            dist.barrier()
-            t0 = time.perf_counter()
-            train_step(built.model, built.optimizer, batch, observer=counter)
-            synchronize(built.device)
-            dist.barrier()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        stepper.detach()
         injected = torch.tensor([sum(slept) / max(steps, 1)], dtype=torch.float64)
     # outside the delays: these collectives are bookkeeping, not part of a step
     comm = counter.totals(steps)
@@ -147,12 +155,17 @@ def configs(
     batch_size: int,
     towers: int,
     crs: list[int],
+    pipeline: str = "sparse-dist",
     *,
     comm_precision: str = "fp32",
 ) -> list[tuple[str, ModelConfig, TrainConfig]]:
-    """The runs of one benchmark: two baselines, then DMT at each CR."""
+    """The runs of one benchmark: two baselines, then DMT at each CR (all on ``pipeline``)."""
     t = TrainConfig(
-        batch_size=batch_size, hosts=hosts, ranks_per_host=ranks_per_host, progress=False
+        batch_size=batch_size,
+        hosts=hosts,
+        ranks_per_host=ranks_per_host,
+        progress=False,
+        pipeline=pipeline,
     )
     t = replace(t, comm_precision=comm_precision)  # both sides, every run
     small = dict(embedding_dim=32, bottom=[32], top=[32])
@@ -193,8 +206,12 @@ def bench_dmt(
     warmup: int = 3,
     steps: int = 10,
     comm_precision: str = "fp32",
+    pipeline: str = "sparse-dist",
 ) -> dict[str, Any]:
-    """Run every configuration under one link set-up; write ``bench.json`` and ``bench.png``."""
+    """Run every configuration under one link set-up; write ``bench.json`` and ``bench.png``.
+
+    ``pipeline`` (``none`` | ``sparse-dist``: TorchRec's ``TrainPipelineSparseDist``) is the
+    train pipeline of every run, baseline and DMT alike."""
     from dmtrec.emulate.launch import spawn_in_hosts
     from dmtrec.emulate.netns import EmulatedHosts
     from dmtrec.parallel.launch import spawn
@@ -214,6 +231,8 @@ def bench_dmt(
         )
     if link not in ("netns", "delay", "none"):
         raise ConfigError(f"--link must be netns, delay or none, got {link!r}")
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"--pipeline must be {' or '.join(PIPELINES)}, got {pipeline!r}")
     world = hosts * ranks_per_host
     dcfg = DataConfig(
         synthetic=dict(
@@ -233,7 +252,13 @@ def bench_dmt(
     def run_all(launch) -> None:
         for i, (name, mcfg, tcfg) in enumerate(
             configs(
-                hosts, ranks_per_host, batch_size, towers, list(crs), comm_precision=comm_precision
+                hosts,
+                ranks_per_host,
+                batch_size,
+                towers,
+                list(crs),
+                pipeline,
+                comm_precision=comm_precision,
             )
         ):
             print(f"[bench dmt] {name} ...", flush=True)
@@ -248,6 +273,7 @@ def bench_dmt(
                     "comm_precision": tcfg.comm_precision,
                     "comm_precision_effective": r["comm_precision_effective"],
                     "busiest_host_cross_bytes_per_step": max(r["host_cross_bytes"]),
+                    "pipeline": tcfg.pipeline,
                     "step_s_median": statistics.median(st),
                     "step_s_p90": sorted(st)[max(0, round(0.9 * len(st)) - 1)],
                     "examples_per_s": batch_size * world / statistics.median(st),
@@ -307,6 +333,7 @@ def bench_dmt(
         "comm_precision": comm_precision,
         "host_link_Bps": link_Bps,
         "host_link_rate_source": link_source,
+        "pipeline": pipeline,
         "warmup": warmup,
         "steps": steps,
         "runs": results,

@@ -503,11 +503,17 @@ COMMANDS: dict[tuple[str, ...], Command] = {
             "cross_latency_ms": "per-message cross-host latency (alpha), slept before each collective",
             "intra_latency_ms": "per-message intra-host latency",
             "crs": "DMT compression ratios to run",
+            "pipeline": "train pipeline of every run: sparse-dist (TorchRec's "
+            "TrainPipelineSparseDist) or none",
             "comm_precision": "pooled-embedding communication precision of every run (both sides)",
         },
         out="runs/bench_dmt",
         run=_wrote("bench.json"),
-        choices={"link": ("netns", "delay", "none"), "comm_precision": ("fp32", "fp16", "bf16")},
+        choices={
+            "link": ("netns", "delay", "none"),
+            "pipeline": ("sparse-dist", "none"),
+            "comm_precision": ("fp32", "fp16", "bf16"),
+        },
     ),
     ("bench", "partition"): function_command(
         "learned vs sequential vs random towers: DMT AUC over seeds; writes bench_partition.json",

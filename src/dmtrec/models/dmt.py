@@ -20,6 +20,10 @@ from dmtrec.errors import ConfigError
 from dmtrec.models.common import embedding_l2, stack_pooled
 from dmtrec.models.tower_modules import make_tower_module, widen
 
+# Leaf calls for FX (TorchRec's train pipeline traces this forward to find the sharded EBC):
+# widen branches on a shape.
+torch.fx.wrap("widen")
+
 
 def check_towers(towers: list[list[str]], features: list[str]) -> None:
     """A partition must use every feature exactly once and name no unknown feature."""
@@ -60,6 +64,7 @@ class MultiTower(nn.Module):
         self.embedding_l2 = embedding_l2
         self.towers = [list(t) for t in towers]
         self.ebc = ebc
+        self.embedding_dim = embedding_dim
         self.tower_modules = nn.ModuleList(
             [make_tower_module(tm, len(t), embedding_dim, cr) for t in self.towers]
         )
@@ -67,8 +72,8 @@ class MultiTower(nn.Module):
         self.head = make_head(self.num_virtual)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(sparse)
-        dim = self.ebc.embedding_bag_configs()[0].embedding_dim
+        pooled = self.ebc(sparse)  # a sharded EBC too (DMP): no embedding_bag_configs()
+        dim = self.embedding_dim
         virtual = [
             widen(tm(embedding_l2(stack_pooled(pooled, feats), self.embedding_l2)), dim)
             for tm, feats in zip(self.tower_modules, self.towers)

@@ -13,6 +13,7 @@ the same topology and reshards the tables onto another one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from dmtrec.parallel.sharding import COMM_PRECISIONS, SHARDING_TYPES, SPARSE_OPT
 from dmtrec.train import checkpoint
 from dmtrec.train.checks import LabelCheck, no_training_rows, report_skipped
 from dmtrec.train.metrics import quality
-from dmtrec.train.step import train_step
+from dmtrec.train.step import PIPELINES, Stepper, train_step
 
 MONITORS = ("auc", "logloss")
 
@@ -110,6 +111,12 @@ class TrainConfig:
     )
     parallel: str = option(
         "none", "none | baseline (TorchRec hybrid) | dmt (SPTT)", choices=PARALLEL
+    )
+    pipeline: str = option(
+        "sparse-dist",
+        "train pipeline: sparse-dist (TorchRec's TrainPipelineSparseDist: the next batch's id "
+        "exchange overlaps this one's compute) | none (one step after the other)",
+        choices=PIPELINES,
     )
     hosts: int = option(
         1, "hosts H (emulated locally; under torchrun from the environment)", minimum=1
@@ -317,6 +324,9 @@ class _Loop:
         self.first_step_time: float | None = None  # wall clock of the first step's end
         self.saved_step: int | None = None
         self.unreduced: list[tuple[float, int]] = []  # (local loss, rows) since the last gather
+        self.stepper = Stepper(
+            self.model, self.optimizer, self.device, tcfg.pipeline, observer=counter
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume_position(self, path: Path) -> None:
@@ -388,9 +398,31 @@ class _Loop:
             stats["train"] = self.train_stats
         return stats
 
+    # -- the schedule -----------------------------------------------------------------------
+    def _set_lr(self, step: int, base_lrs: list[float]) -> None:
+        """Learning rates of step ``step`` (0-based) in the dense and fused groups (TBE reads
+        its lr at each step), under a warm-up or decay schedule."""
+        tcfg = self.tcfg
+        if tcfg.lr_warmup_steps or tcfg.lr_decay != "none":
+            f = lr_factor(step, tcfg)
+            for group, base in zip(self.optimizer.param_groups, base_lrs):
+                group["lr"] = base * f
+
+    def _segment_steps(self) -> int | None:
+        """Steps from now to the next mid-epoch stop: an evaluation every ``eval_every`` steps
+        or ``max_steps``; None: none before the epoch's end."""
+        tcfg, step = self.tcfg, self.state["step"]
+        ends = []
+        if self.has_valid and tcfg.eval_every:
+            ends.append(tcfg.eval_every - step % tcfg.eval_every)
+        if tcfg.max_steps:
+            ends.append(max(0, tcfg.max_steps - step))
+        return min(ends) if ends else None
+
     # -- evaluation -------------------------------------------------------------------------
     def _validate(self, epoch: int) -> None:
         """Evaluate valid, log one line, remember the best state (in memory)."""
+        self.stepper.detach()  # the model's own forward (the pipeline is drained here)
         m = evaluate(self.data, self.model, "valid", self.tcfg.eval_batch_size, self.rank,
                      self.world, self.device)  # fmt: skip
         st = self.state
@@ -431,59 +463,76 @@ class _Loop:
         steps_timed, examples, train_s = 0, 0, 0.0
         global_bs = tcfg.batch_size * self.world
         stop = False
-        scheduled = bool(tcfg.lr_warmup_steps or tcfg.lr_decay != "none")
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         labels = LabelCheck(self.device, self.what) if st["step"] == 0 else None
         for epoch in range(st["epoch"], tcfg.epochs):
             start = st["step_in_epoch"]  # > 0: a resumed epoch
-            batches = local_batches(
-                self.data, "train", global_bs, self.rank, self.world, epoch, start_step=start
+            batches = iter(
+                local_batches(
+                    self.data, "train", global_bs, self.rank, self.world, epoch, start_step=start
+                )
             )
-            for i, batch in enumerate(batches, start=start):
-                batch = batch.to(self.device)
-                if pending is not None:
-                    self._resume_tensors(pending, batch)
+            if pending is not None:  # the checkpoint's tensors, loaded at the first batch
+                first = next(batches, None)
+                if first is not None:
+                    self._resume_tensors(pending, first.to(self.device))
                     pending = None
-                if scheduled:  # dense and fused groups (TBE reads its lr at each step)
-                    f = lr_factor(st["step"], tcfg)
-                    for group, base in zip(self.optimizer.param_groups, base_lrs):
-                        group["lr"] = base * f
-                t0 = time.perf_counter()
-                loss, _ = train_step(self.model, self.optimizer, batch, observer=self.counter)
-                value = float(loss)  # also waits for the device
-                synchronize(self.device)
-                train_s += time.perf_counter() - t0
-                steps_timed += 1
-                examples += int(batch.labels.numel()) * self.world
-                st["step"] += 1
-                st["step_in_epoch"] = i + 1
-                st["losses"].append(value)
-                self.unreduced.append((value, int(batch.labels.numel())))
-                if self.first_step_time is None:
-                    self.first_step_time = time.time()
-                checkpoint.fault_point("step", st["step"], self.rank)
-                if not math.isfinite(value):
-                    raise DataError(
-                        f"step {st['step']}: training loss is {value} (diverged); lower --lr "
-                        f"({tcfg.lr:g}) or --sparse-lr ({tcfg.sparse_lr:g})"
-                    )
-                if labels is not None and not labels.done:
-                    labels.add(batch.labels)
-                    if labels.due(st["step"] * global_bs):
-                        labels.check(whole_split=False)
-                if self.writer is not None and st["step"] % tcfg.log_every == 0:
-                    self.writer.add_scalar("train/loss", value, st["step"])
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4f}")
-                if tcfg.checkpoint_every and st["step"] % tcfg.checkpoint_every == 0:
-                    self._save()
-                if self.has_valid and tcfg.eval_every and st["step"] % tcfg.eval_every == 0:
-                    self._validate(epoch)
-                    stop = self.stopper.should_stop
-                if stop or (tcfg.max_steps and st["step"] >= tcfg.max_steps):
+                    batches = itertools.chain([first], batches)
+            i = start
+            # Segments of steps up to the next point where the loop leaves the pipeline (a
+            # mid-epoch evaluation, --max-steps, the epoch's end): the stepper gets exactly
+            # those batches, so nothing is in flight there and the data position is the
+            # number of batches trained, whatever the pipeline has read ahead meanwhile.
+            while not stop:
+                n = self._segment_steps()
+                if n == 0:
                     stop = True
                     break
+                trained = 0
+                self._set_lr(st["step"], base_lrs)
+                t0 = time.perf_counter()
+                segment = batches if n is None else itertools.islice(batches, n)
+                for loss, _, batch in self.stepper.steps(segment):
+                    value = float(loss)  # also waits for the device
+                    synchronize(self.device)
+                    train_s += time.perf_counter() - t0
+                    steps_timed += 1
+                    examples += int(batch.labels.numel()) * self.world
+                    st["step"] += 1
+                    i += 1
+                    st["step_in_epoch"] = i
+                    st["losses"].append(value)
+                    self.unreduced.append((value, int(batch.labels.numel())))
+                    if self.first_step_time is None:
+                        self.first_step_time = time.time()
+                    checkpoint.fault_point("step", st["step"], self.rank)
+                    if not math.isfinite(value):
+                        raise DataError(
+                            f"step {st['step']}: training loss is {value} (diverged); lower --lr "
+                            f"({tcfg.lr:g}) or --sparse-lr ({tcfg.sparse_lr:g})"
+                        )
+                    if labels is not None and not labels.done:
+                        labels.add(batch.labels)
+                        if labels.due(st["step"] * global_bs):
+                            labels.check(whole_split=False)
+                    if self.writer is not None and st["step"] % tcfg.log_every == 0:
+                        self.writer.add_scalar("train/loss", value, st["step"])
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{value:.4f}")
+                    if tcfg.checkpoint_every and st["step"] % tcfg.checkpoint_every == 0:
+                        self._save()
+                    if self.has_valid and tcfg.eval_every and st["step"] % tcfg.eval_every == 0:
+                        self._validate(epoch)
+                        stop = self.stopper.should_stop
+                    trained += 1
+                    if stop or (tcfg.max_steps and st["step"] >= tcfg.max_steps):
+                        stop = True
+                        break
+                    self._set_lr(st["step"], base_lrs)
+                    t0 = time.perf_counter()
+                if n is None or trained < n:
+                    break  # the epoch's end
             if not stop and self.train_stats is None:
                 self.train_stats = self.data.stats.get("train")
             if st["step"] == 0:  # a whole epoch without one step: nothing will ever train
@@ -507,6 +556,7 @@ class _Loop:
                 break
         if pending is not None:  # resumed at the end of training: nothing left to train
             self._resume_tensors(pending)
+        self.stepper.detach()
         if bar is not None:
             bar.close()
         self._save()  # where training stopped
