@@ -2,8 +2,8 @@
 
 For each data set (the synthetic drifting stream, time-ordered MovieLens-100k) and seed: one
 FM trained over the stream with a snapshot every window; the DAS run once per ``fm_lag``
-(0 / 1 / 3 windows); two VMs of different architecture and features, each serving half of
-the traffic (key % 2), trained in the variants
+(0 / 1 / 3 windows); two VMs of different architecture and features, each serving its own
+slice of the traffic (``key % n == k``), trained in the variants
 
     none            true labels only
     plain           single-head KD                  (at ``plain_lags``, default lag 0)
@@ -13,9 +13,20 @@ the traffic (key % 2), trained in the variants
 and scored by progressive validation (NE of each window before training on it, averaged over
 the windows). Comparisons are paired by seed (the synthetic seed also draws a new stream);
 p-values are one-sided paired t-tests (``scipy.stats.ttest_rel``) per VM (n = seeds) and
-pooled over the two VMs (n = 2 x seeds). Writes ``OUT/bench_exfm.json`` and
-``OUT/bench_exfm.png``; the streams, snapshots and DAS stores go to a scratch directory
-(``work``, default a temporary one), never next to the results.
+pooled over the two VMs (n = 2 x seeds). Writes ``OUT/bench_exfm.json`` (rewritten after
+every seed, so a cut-short run keeps the seeds it finished) and ``OUT/bench_exfm.png``; the
+streams, snapshots and DAS stores go to a scratch directory (``work``, default a temporary
+one), never next to the results.
+
+The synthetic setting is the paper's regime: the FM (a DCNv2 with 16-dim embeddings, ~10x
+the VMs' dense parameters) trains on the whole stream, while each VM serves a quarter of it
+(``traffic [k, 4]``), so the FM has seen four times the VM's examples of every id when it
+labels them. The traffic segments differ in base rate (``segment_shift`` 0.45: logit offsets
+-0.45 / +0.45 that no feature names), so the FM, calibrated to the mix, is biased on each
+VM's traffic -- the bias the auxiliary head keeps out of the serving head. The VMs train
+with batch 64 and Adam 1e-2 (their 1,250 rows per window; the FM keeps batch 256, 3e-3).
+These settings were chosen on pilot seeds 100 and 101, which the reported seeds (0..) do not
+include; every variant shares them.
 """
 
 from __future__ import annotations
@@ -74,18 +85,21 @@ def bench_config(dataset: str, seed: int, cache_dir: str | None = None) -> ExFMC
             latent_rank=2,
             logit_std=1.2,
             segments=2,
-            segment_shift=0.3,
+            segment_shift=0.45,
             seed=seed,
         )
+        # Each VM serves a quarter of the traffic (key % 4 == 0 lies in segment 0, == 1 in
+        # segment 1); the FM trains on all of it.
         students = [
-            StudentConfig(name="vm_dlrm", model=_dlrm(), traffic=[0, 2]),
+            StudentConfig(name="vm_dlrm", model=_dlrm(), traffic=[0, 4]),
             StudentConfig(
                 name="vm_dcn",
                 model=_dcn(),
                 sparse=[f"C{i}" for i in range(3, 11)],
-                traffic=[1, 2],
+                traffic=[1, 4],
             ),
         ]
+        vm_optim = OptimConfig(batch_size=64, lr=1e-2)
     elif dataset == "movielens":
         stream = StreamConfig(source="movielens", window_rows=5000, cache_dir=cache_dir)
         students = [
@@ -102,6 +116,7 @@ def bench_config(dataset: str, seed: int, cache_dir: str | None = None) -> ExFMC
                 traffic=[1, 2],
             ),
         ]
+        vm_optim = OptimConfig()
     else:
         raise ConfigError(
             f"bench exfm: unknown data set {dataset!r}; choose from {', '.join(DATASETS)}"
@@ -112,7 +127,7 @@ def bench_config(dataset: str, seed: int, cache_dir: str | None = None) -> ExFMC
         teacher=TeacherConfig(model=_fm(), snapshot_every=1, optim=OptimConfig()),
         augment=AugmentConfig(),
         distill=DistillConfig(),
-        optim=OptimConfig(),
+        optim=vm_optim,
         students=students,
     )
 
@@ -170,10 +185,13 @@ def _summarize(
                 tests[f"aux_sa@lag{lag} < aux@lag{lag}"] = _paired_less(
                     ne(ds, vm, "aux_sa", lag), ne(ds, vm, "aux", lag)
                 )
-            first, last = lags[0], lags[-1]
-            if last != first:  # the gain shrinks with lag: NE(aux, lag first) < NE(aux, lag last)
-                tests[f"aux@lag{first} < aux@lag{last}"] = _paired_less(
-                    ne(ds, vm, "aux", first), ne(ds, vm, "aux", last)
+            # the gain shrinks with lag: NE(aux) rises from each lag to the next, and overall
+            pairs = list(zip(lags, lags[1:]))
+            if len(lags) > 2:
+                pairs.append((lags[0], lags[-1]))
+            for a, b in pairs:
+                tests[f"aux@lag{a} < aux@lag{b}"] = _paired_less(
+                    ne(ds, vm, "aux", a), ne(ds, vm, "aux", b)
                 )
             by[key] = {"mean_ne": cells, "tests": tests}
         out[ds] = by
@@ -283,35 +301,43 @@ def bench_exfm(
                     flush=True,
                 )
 
+    outp = Path(out)
+
+    def write_report() -> dict[str, Any]:
+        done = sorted({r["seed"] for r in runs})
+        report = {
+            "what": "mean next-window NE (progressive validation) of the VMs; gains are relative NE reductions in %, > 0 is better; p: one-sided paired t-test",
+            "config": {ds: asdict(bench_config(ds, first_seed, cache_dir)) for ds in datasets},
+            "seeds": list(range(first_seed, first_seed + seeds)),
+            "seeds_done": done,
+            "fm_lags": lags_l,
+            "plain_lags": plain_l,
+            "threads": threads,
+            "elapsed_s": time.perf_counter() - t_start,
+            "elapsed_s_per_dataset": timing,
+            "summary": _summarize(runs, lags_l, plain_l),
+            "teachers": teachers,
+            "das": das_runs,
+            "runs": runs,
+        }
+        outp.mkdir(parents=True, exist_ok=True)
+        (outp / "bench_exfm.json").write_text(json.dumps(report, indent=1))
+        return report
+
     def work_all() -> None:
         for ds in datasets:
             t0 = time.perf_counter()
             for seed in range(first_seed, first_seed + seeds):
                 one(ds, seed)
-            timing[ds] = time.perf_counter() - t0
+                timing[ds] = time.perf_counter() - t0
+                write_report()
 
     try:
         run_single(work_all, ())
     finally:
         if scratch is not None:
             scratch.cleanup()
-    report = {
-        "what": "mean next-window NE (progressive validation) of the VMs; gains are relative NE reductions in %, > 0 is better; p: one-sided paired t-test",
-        "config": {ds: asdict(bench_config(ds, first_seed, cache_dir)) for ds in datasets},
-        "seeds": list(range(first_seed, first_seed + seeds)),
-        "fm_lags": lags_l,
-        "plain_lags": plain_l,
-        "threads": threads,
-        "elapsed_s": time.perf_counter() - t_start,
-        "elapsed_s_per_dataset": timing,
-        "summary": _summarize(runs, lags_l, plain_l),
-        "teachers": teachers,
-        "das": das_runs,
-        "runs": runs,
-    }
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
-    (outp / "bench_exfm.json").write_text(json.dumps(report, indent=1))
+    report = write_report()
     _plot(report, outp / "bench_exfm.png")
     _print(report)
     return report
