@@ -178,7 +178,9 @@ def run_partition(args: argparse.Namespace) -> int:
     from dmtrec.parallel.launch import run_single
     from dmtrec.train.partition_job import partition_worker, write_partition
 
-    pcfg = from_args(PartitionConfig, args, seed=args.seed)
+    pcfg = from_args(
+        PartitionConfig, args, seed=args.seed, log=str(Path(args.out) / "partition.log")
+    )
     result = run_single(partition_worker, (data_config(args, args.seed), pcfg))
     path = write_partition(args.out, result)
     print((Path(args.out) / "report.txt").read_text().rstrip())

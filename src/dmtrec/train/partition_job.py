@@ -1,8 +1,11 @@
 """``dmtrec partition``: compute a feature-to-tower partition and explain it.
 
-``learned`` trains a flat DLRM probe briefly (``probe_steps``), measures the interaction matrix
-S (``train/interactions.py``), and runs DMT's Tower Partitioner (``partition/learned.py``:
-spectral embedding + constrained K-means balancing per-feature cost). ``sequential`` and
+``learned`` measures the interaction matrix S and runs DMT's Tower Partitioner
+(``partition/learned.py``: spectral embedding + constrained K-means balancing per-feature cost).
+S comes, by default (``covariation``), from the training rows themselves: an additive logistic
+probe and each field pair's residual interaction table (``partition/covariation.py``); the other
+measures train a flat FwFM/DLRM probe for ``probe_steps`` steps (``train/interactions.py``).
+Progress lines (``[partition] ...``) go to stdout and, when ``log`` is set, to that file. ``sequential`` and
 ``random`` are the baselines. Writes ``towers.json`` (towers, cost_per_tower, imbalance,
 method, ari when planted groups are known), ``interaction.png`` (S ordered by tower) and
 ``report.txt``.
@@ -12,11 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from dmtrec.data import DataConfig, load_data
@@ -26,6 +32,7 @@ from dmtrec.options import option
 from dmtrec.parallel.build import build
 from dmtrec.partition import random as random_partition
 from dmtrec.partition import sequential
+from dmtrec.partition.covariation import covariation_matrix
 from dmtrec.partition.learned import (
     adjusted_rand_index,
     feature_costs,
@@ -39,6 +46,7 @@ from dmtrec.train.trainer import TrainConfig
 
 METHODS = ("learned", "sequential", "random")
 COSTS = ("count", "lookup", "memory", "both")
+MEASURES = ("covariation", "fwfm", "mixed", "dot", "attribution")
 
 
 @dataclass
@@ -48,10 +56,10 @@ class PartitionConfig:
     towers: int = option(4, "number of towers K", minimum=1)
     method: str = option("learned", "how to partition", choices=METHODS)
     interaction: str = option(
-        "fwfm",
+        "covariation",
         "learned: the interaction measure S (was --interaction; that name is DLRM's now)",
         flag="interaction-measure",
-        choices=("fwfm", "mixed", "dot", "attribution"),
+        choices=MEASURES,
     )
     cost: str = option(
         "count", "learned: what towers balance", flag="partition-cost", choices=COSTS
@@ -65,10 +73,36 @@ class PartitionConfig:
         None, "learned: spectral embedding dim (none: K)", flag="spectral-dim",
         aliases=("embed-dim",), minimum=1,
     )  # fmt: skip
-    probe_steps: int = option(2000, "learned: training steps of the flat probe model", minimum=1)
+    probe_steps: int = option(
+        2000, "learned, measures other than covariation: flat probe training steps", minimum=1
+    )
+    probe_rows: int = option(
+        200_000, "learned covariation: most training rows the additive probe reads", minimum=1
+    )
+    pair_top_ids: int = option(
+        10, "learned covariation: most frequent ids per field in each pair table", minimum=2
+    )
     batch_size: int = option(256, "learned: probe batch size", cli=False)
     embedding_dim: int = option(16, "learned: probe embedding dim", cli=False)
     seed: int = option(0, "seed (the CLI's --seed)", cli=False)
+    log: str | None = option(None, "file the progress lines are appended to", cli=False)
+
+
+def _progress(cfg: PartitionConfig) -> Callable[[str], None]:
+    """A printer of ``[partition] <elapsed> <message>`` lines to stdout and ``cfg.log``."""
+    start = time.monotonic()
+    if cfg.log:
+        Path(cfg.log).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.log).write_text("")
+
+    def say(message: str) -> None:
+        line = f"[partition] {time.monotonic() - start:6.1f}s {message}"
+        print(line, flush=True)
+        if cfg.log:
+            with open(cfg.log, "a") as fh:
+                fh.write(line + "\n")
+
+    return say
 
 
 def _costs(cfg: PartitionConfig, rows: np.ndarray, pooling: np.ndarray) -> np.ndarray:
@@ -109,7 +143,12 @@ def partition_worker(dcfg: DataConfig, cfg: PartitionConfig) -> dict[str, Any]:
     memory = rows * cfg.embedding_dim * 4
     S = None
     if cfg.method == "learned":
-        S = _probe_interactions(data, dcfg, cfg, probe_batches)
+        say = _progress(cfg)
+        if cfg.interaction == "covariation":
+            S = _covariation(data, spec, cfg, say)
+        else:
+            S = _probe_interactions(data, dcfg, cfg, probe_batches, say)
+        say(f"interaction matrix ({cfg.interaction}) done; spectral embedding + K-means")
         tol = cfg.tolerance
         if tol is None:
             tol = 0.05
@@ -152,25 +191,77 @@ def partition_worker(dcfg: DataConfig, cfg: PartitionConfig) -> dict[str, Any]:
     return out
 
 
-def _probe_interactions(data, dcfg: DataConfig, cfg: PartitionConfig, batches: list) -> np.ndarray:
-    """Train a flat DLRM for ``probe_steps`` steps and measure S on held batches."""
+def _covariation(data, spec, cfg: PartitionConfig, say: Callable[[str], None]) -> np.ndarray:
+    """S from up to ``probe_rows`` training rows: per field an n x rows sparse matrix (one-hot,
+    or a bag's pooling weights: 1 for sum pooling, 1/length for mean), then
+    ``covariation_matrix``."""
+    names = spec.sparse
+    cols: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {f: [] for f in names}
+    dense, labels, n = [], [], 0
+    for batch in data.batches("train", 4096):
+        take = min(len(batch.labels), cfg.probe_rows - n)
+        kjt = batch.sparse_features
+        for f in names:
+            jt = kjt[f]
+            lengths = jt.lengths()[:take].numpy().astype(np.int64)
+            values = jt.values()[: int(lengths.sum())].numpy().astype(np.int64)
+            cols[f].append((lengths, values))
+        dense.append(batch.dense_features[:take].double().numpy())
+        labels.append(batch.labels[:take].double().numpy())
+        n += take
+        if n >= cfg.probe_rows:
+            break
+    if n == 0:
+        raise ConfigError("no training rows to measure feature interactions on")
+    say(f"read {n} training rows; fitting the additive probe")
+    fields = []
+    for f, rows in zip(names, spec.num_embeddings):
+        lengths = np.concatenate([c[0] for c in cols[f]])
+        values = np.concatenate([c[1] for c in cols[f]])
+        if spec.pooling == "mean":
+            w = np.repeat(1.0 / np.maximum(lengths, 1), lengths)
+        else:
+            w = np.ones(len(values))
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        X = scipy.sparse.csr_array((w, values, indptr), shape=(n, rows))
+        X.sum_duplicates()
+        fields.append(X)
+    return covariation_matrix(
+        fields,
+        np.concatenate(dense),
+        np.concatenate(labels),
+        top_ids=cfg.pair_top_ids,
+        progress=say,
+    )
+
+
+def _probe_interactions(
+    data, dcfg: DataConfig, cfg: PartitionConfig, batches: list, say: Callable[[str], None]
+) -> np.ndarray:
+    """Train a flat FwFM/DLRM for ``probe_steps`` steps and measure S on held batches."""
     torch.manual_seed(cfg.seed)
     if cfg.interaction not in PROBE_MODEL:
         raise ConfigError(
-            f"--interaction: unknown {cfg.interaction!r}; choose from {', '.join(PROBE_MODEL)}"
+            f"--interaction-measure: unknown {cfg.interaction!r}; choose from {', '.join(MEASURES)}"
         )
     mcfg = ModelConfig(model=PROBE_MODEL[cfg.interaction], embedding_dim=cfg.embedding_dim)
     tcfg = TrainConfig(
         batch_size=cfg.batch_size, lr=3e-3, sparse_lr=0.2, seed=cfg.seed, progress=False
     )
     built = build(data.spec, mcfg, tcfg)
-    step, epoch = 0, 0
+    step, epoch, every = 0, 0, max(1, cfg.probe_steps // 10)
+    losses: list[float] = []
+    say(f"training the {mcfg.model} probe for {cfg.probe_steps} steps")
     while step < cfg.probe_steps:
         seen = False
         for batch in data.batches("train", cfg.batch_size, epoch=epoch):
             seen = True
-            train_step(built.model, built.optimizer, batch.to(built.device))
+            loss, _ = train_step(built.model, built.optimizer, batch.to(built.device))
+            losses.append(float(loss))
             step += 1
+            if step % every == 0 or step == cfg.probe_steps:
+                say(f"probe step {step}/{cfg.probe_steps}: mean loss {np.mean(losses):.4f}")
+                losses = []
             if step >= cfg.probe_steps:
                 break
         if not seen:

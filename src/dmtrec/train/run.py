@@ -32,6 +32,7 @@ def learn_towers(dcfg: DataConfig, mcfg: ModelConfig, pcfg, out: str) -> None:
     from dmtrec.parallel.launch import run_single
     from dmtrec.train.partition_job import partition_worker, write_partition
 
+    pcfg.log = pcfg.log or str(Path(out) / "partition" / "partition.log")
     result = run_single(partition_worker, (dcfg, pcfg))
     write_partition(str(Path(out) / "partition"), result)
     mcfg.towers, mcfg.num_towers = result["towers"], 0
