@@ -1,7 +1,7 @@
 """``dmtrec bench partition``: does the learned tower partition beat sequential and random?
 
 For each seed: synthetic data (features in planted groups, order shuffled), K towers by
-``learned`` (FwFM probe -> interaction matrix -> spectral + constrained K-means), ``sequential``
+``learned`` (covariation interaction matrix -> spectral + constrained K-means), ``sequential``
 and ``random``; then the same DMT model (TM ``dlrm``, CR) trained on each partition with the
 same data, init and schedule (single-process DMT reference: SPTT computes exactly the same).
 Reports per-method AUC mean/std, the ARI of each partition, and paired t-tests (learned vs
@@ -53,7 +53,7 @@ def bench_measures(
     probe_steps: int = 2000,
 ) -> dict[str, Any]:
     """ARI vs the planted groups of the learned partition under each interaction measure."""
-    from dmtrec.train.interactions import INTERACTIONS
+    from dmtrec.train.partition_job import MEASURES as INTERACTIONS
 
     runs = []
     for seed in range(seeds):
