@@ -56,17 +56,19 @@ def test_the_one_interacting_pair_stands_out() -> None:
     np.testing.assert_allclose(S, S.T)
 
 
-def _synthetic(seed: int, logit_std: float = 1.5) -> SyntheticData:
+def _synthetic(seed: int, logit_std: float = 1.5, pooling: int = 1) -> SyntheticData:
     cfg = SyntheticConfig(
         num_sparse=12, num_groups=3, table_size=200, num_train=40_000, num_valid=0,
-        num_test=0, logit_std=logit_std, seed=seed,
+        num_test=0, logit_std=logit_std, pooling=pooling, seed=seed,
     )  # fmt: skip
     return SyntheticData(cfg)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_recovers_planted_groups_from_synthetic_rows(seed: int) -> None:
-    data = _synthetic(seed)
+@pytest.mark.parametrize("seed,pooling,contrast", [(0, 1, 1.8), (1, 1, 1.8), (0, 3, 1.4)])
+def test_recovers_planted_groups_from_synthetic_rows(
+    seed: int, pooling: int, contrast: float
+) -> None:
+    data = _synthetic(seed, pooling=pooling)  # pooling 3: bags of 1..3 ids (multi-hot)
     S = _covariation(data, data.spec, PartitionConfig(), lambda _: None)
     towers = learned_partition(S, 3, np.ones(12), tolerance=0.0, seed=seed)
     ari = adjusted_rand_index(labels_from_towers(towers, 12), data.groups)
@@ -75,7 +77,8 @@ def test_recovers_planted_groups_from_synthetic_rows(seed: int) -> None:
     assert ari >= 0.9
     same = data.groups[:, None] == data.groups[None, :]
     off = ~np.eye(12, dtype=bool)
-    assert S[same & off].mean() > 1.8 * S[~same].mean()
+    # bags average their ids' latent vectors: a weaker planted signal per cell (seed 0: 1.53x)
+    assert S[same & off].mean() > contrast * S[~same].mean()
 
 
 def test_no_planted_interaction_no_block_structure() -> None:
