@@ -124,12 +124,37 @@ def init_local(
         LOCAL_WORLD_SIZE=str(local_world_size),
     )
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    join_group("127.0.0.1", port, rank, world_size, timeout)
+
+
+# Rendezvous: how long ranks may take to *start* (imports on a loaded box, a slow host), apart
+# from --timeout, which bounds a *collective* (a hung peer).
+RENDEZVOUS_S = 600.0
+
+
+def join_group(
+    addr: str, port: int, rank: int, world_size: int, timeout: float | datetime.timedelta | None
+) -> None:
+    """Join the default process group at ``addr:port`` (rank 0 hosts the TCPStore).
+
+    Every rank first waits on the store until all ``world_size`` ranks have arrived (up to
+    ``RENDEZVOUS_S``); only then is the group built, with ``timeout`` for its collectives. So a
+    short ``--timeout`` names a hung peer, and is never hit by ranks that merely started a few
+    seconds apart (gloo's mesh connect would otherwise wait only ``timeout`` for the last)."""
+    rendezvous = datetime.timedelta(seconds=max(RENDEZVOUS_S, _timedelta(timeout).total_seconds()))
+    store = dist.TCPStore(
+        addr, port, world_size, is_master=rank == 0, timeout=rendezvous, wait_for_workers=False
+    )
+    store.add("dmtrec/arrived", 1)
+    deadline = time.monotonic() + rendezvous.total_seconds()
+    while store.add("dmtrec/arrived", 0) < world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank}: not all {world_size} ranks arrived within {RENDEZVOUS_S:.0f} s"
+            )
+        time.sleep(0.02)
     dist.init_process_group(
-        backend(),
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=_timedelta(timeout),
+        backend(), store=store, rank=rank, world_size=world_size, timeout=_timedelta(timeout)
     )
 
 
@@ -225,12 +250,12 @@ def child_main(job: str, out_dir: str) -> None:
         return fn(*args)
 
     def init() -> None:
-        dist.init_process_group(
-            backend(),
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-            rank=rank,
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=_timedelta(float(os.environ["DMTREC_DIST_TIMEOUT_S"])),
+        join_group(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            rank,
+            int(os.environ["WORLD_SIZE"]),
+            float(os.environ["DMTREC_DIST_TIMEOUT_S"]),
         )
 
     status, payload = run_rank(rank, init, load_and_run, ())
