@@ -573,3 +573,18 @@ def test_example_configs_are_valid(name) -> None:
         len({s.model.model for s in cfg.students}) >= 2
         or len({str(s.sparse) for s in cfg.students}) >= 2
     )
+
+
+def test_the_synthetic_example_is_the_benchmarks_setting() -> None:
+    """examples/exfm_synthetic.yaml runs what ``bench exfm`` measured (seed 0)."""
+    from pathlib import Path
+
+    from dmtrec.bench.exfm import bench_config
+
+    cfg = load_config(Path(__file__).parent.parent / "examples" / "exfm_synthetic.yaml")
+    ref = bench_config("synthetic", 0)
+    assert cfg.stream == ref.stream and cfg.optim == ref.optim
+    assert cfg.teacher.model == ref.teacher.model and cfg.teacher.optim == ref.teacher.optim
+    assert [(s.name, s.model, s.sparse, s.traffic) for s in cfg.students] == [
+        (s.name, s.model, s.sparse, s.traffic) for s in ref.students
+    ]
