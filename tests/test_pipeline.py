@@ -57,8 +57,13 @@ RUNS_2X2 = {
     "dmt_identity_row_wise": _setup(IDENTITY, sharding="row_wise"),
     "dmt_identity_column_wise": _setup(IDENTITY, sharding="column_wise"),
     "dmt_dlrm_cr2": _setup(DLRM_TMS),
+    "dmt_dcn_cr2": _setup(ModelConfig(towers=EVEN_TOWERS, tm="dcn", cr=2)),
+    "dmt_wukong_cr2": _setup(ModelConfig(towers=EVEN_TOWERS, tm="wukong", cr=2)),
+    # beyond the towers' widths: narrow TM outputs, zero-padded after the exchange
+    "dmt_dlrm_cr8": _setup(ModelConfig(towers=TOWERS, tm="dlrm", cr=8)),
     "baseline_table_wise": _setup(ModelConfig(), "baseline"),
     "baseline_row_wise": _setup(ModelConfig(), "baseline", sharding="row_wise"),
+    "baseline_column_wise": _setup(ModelConfig(), "baseline", sharding="column_wise"),
     "dmt_identity_unpipelined": _setup(IDENTITY, pipeline="none"),
     "dmt_dlrm_cr2_unpipelined": _setup(DLRM_TMS, pipeline="none"),
     "baseline_table_wise_unpipelined": _setup(ModelConfig(), "baseline", pipeline="none"),

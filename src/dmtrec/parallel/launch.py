@@ -170,6 +170,8 @@ KNOWN_NOISE = (
     ),
     (FutureWarning, r"HeuristicalStorageReservation is known to cause issues"),
     (FutureWarning, r"`broadcast_buffers` is deprecated"),
+    # TorchRec's row-wise sharding (comm_ops) still calls the renamed collective
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
     (DeprecationWarning, r"\x1b\[93m"),  # fbgemm's coloured notices of its legacy op names
 )
 # Python loggers whose WARNING records are planner advice about dry runs (not our case).
