@@ -15,10 +15,12 @@ import tempfile
 import time
 
 from dmtrec.demo import demo_runs
+from dmtrec.parallel.launch import quiet_libraries
 from dmtrec.train.run import run_train
 
 
 def main(path: str, seeds: int = 2) -> dict:
+    quiet_libraries()  # as the CLI does, here and in the ranks
     rows = []
     with tempfile.TemporaryDirectory(prefix="dmtrec-precision-") as tmp:
         for name, data, model, train in demo_runs(tmp):
