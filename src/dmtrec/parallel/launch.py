@@ -133,21 +133,37 @@ RENDEZVOUS_S = 600.0
 
 
 def join_group(
-    addr: str, port: int, rank: int, world_size: int, timeout: float | datetime.timedelta | None
+    addr: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    timeout: float | datetime.timedelta | None,
+    *,
+    host_store: bool = True,
+    attempt: int = 0,
 ) -> None:
-    """Join the default process group at ``addr:port`` (rank 0 hosts the TCPStore).
+    """Join the default process group at ``addr:port`` (rank 0 hosts the TCPStore, unless
+    ``host_store`` is false: torchrun's agent hosts it).
 
     Every rank first waits on the store until all ``world_size`` ranks have arrived (up to
     ``RENDEZVOUS_S``); only then is the group built, with ``timeout`` for its collectives. So a
     short ``--timeout`` names a hung peer, and is never hit by ranks that merely started a few
-    seconds apart (gloo's mesh connect would otherwise wait only ``timeout`` for the last)."""
+    seconds apart (gloo's mesh connect would otherwise wait only ``timeout`` for the last).
+    All keys live under ``attempt`` (torchrun's restart count): a store that outlives a failed
+    attempt (torchrun's agent store) must not hand a restarted rank its dead peer's address."""
     rendezvous = datetime.timedelta(seconds=max(RENDEZVOUS_S, _timedelta(timeout).total_seconds()))
-    store = dist.TCPStore(
-        addr, port, world_size, is_master=rank == 0, timeout=rendezvous, wait_for_workers=False
+    server = dist.TCPStore(
+        addr,
+        port,
+        world_size,
+        is_master=host_store and rank == 0,
+        timeout=rendezvous,
+        wait_for_workers=False,
     )
-    store.add("dmtrec/arrived", 1)
+    store = dist.PrefixStore(f"dmtrec/attempt-{attempt}", server)
+    store.add("arrived", 1)
     deadline = time.monotonic() + rendezvous.total_seconds()
-    while store.add("dmtrec/arrived", 0) < world_size:
+    while store.add("arrived", 0) < world_size:
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"rank {rank}: not all {world_size} ranks arrived within {RENDEZVOUS_S:.0f} s"
@@ -192,9 +208,19 @@ def quiet_libraries() -> None:
 
 
 def init_from_env(timeout: float | datetime.timedelta | None = None) -> None:
-    """Join the process group torchrun describes (env://): NCCL with CUDA, else gloo."""
+    """Join the process group torchrun describes (its MASTER_ADDR/PORT store, RANK,
+    WORLD_SIZE; keys per restart attempt): NCCL with CUDA, else gloo."""
     rank_device()  # makes the rank's GPU current before NCCL sees it
-    dist.init_process_group(backend(), init_method="env://", timeout=_timedelta(timeout))
+    env = os.environ
+    join_group(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        int(env["RANK"]),
+        int(env["WORLD_SIZE"]),
+        timeout,
+        host_store=env.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+        attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+    )
 
 
 # gloo/c10d messages of a collective that lost its peer (the peer failed, not this rank)
