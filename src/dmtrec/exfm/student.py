@@ -79,6 +79,29 @@ def _sa_loss(logits: torch.Tensor, batch: Batch, *, mask: torch.Tensor) -> torch
     return soft_bce(logits, batch.labels, mask)
 
 
+def adapter_step(
+    sa: StudentAdapter,
+    sa_opt: torch.optim.Optimizer,
+    batch: Batch,
+    teacher: TeacherTargets,
+    observer: PhaseObserver | None = None,
+) -> TeacherTargets:
+    """The student adapter's half of an ``aux_sa`` step: one step of ``SA`` on the batch's
+    fresh true labels (``h(SA(y_FM), y)`` over the examples with an FM label), then
+    ``teacher`` with ``sa_prob = SG(SA(y_FM))`` from the updated adapter. It depends on
+    ``y_FM`` and the labels only, so it can also be run without a VM (to measure the
+    adapter's own calibration)."""
+    fm_logit = prob_logit(teacher.fm_prob).unsqueeze(-1)
+    if bool(teacher.mask.any()):
+        sa_batch = Batch(
+            dense_features=fm_logit, sparse_features=batch.sparse_features, labels=batch.labels
+        )
+        loss_fn = functools.partial(_sa_loss, mask=teacher.mask)
+        train_step(sa, sa_opt, sa_batch, loss_fn=loss_fn, observer=observer)
+    with torch.no_grad():  # SG(y_SA): the VM's loss sends nothing into the adapter
+        return teacher._replace(sa_prob=torch.sigmoid(sa(fm_logit)))
+
+
 def student_step(
     vm: torch.nn.Module,
     vm_opt: torch.optim.Optimizer,
@@ -98,15 +121,7 @@ def student_step(
     if kd == "aux_sa":
         if teacher is None or sa is None or sa_opt is None:
             raise ValueError("kd=aux_sa needs teacher targets, the adapter and its optimizer")
-        fm_logit = prob_logit(teacher.fm_prob).unsqueeze(-1)
-        if bool(teacher.mask.any()):
-            sa_batch = Batch(
-                dense_features=fm_logit, sparse_features=batch.sparse_features, labels=batch.labels
-            )
-            loss_fn = functools.partial(_sa_loss, mask=teacher.mask)
-            train_step(sa, sa_opt, sa_batch, loss_fn=loss_fn, observer=observers[0])
-        with torch.no_grad():  # SG(y_SA): the VM's loss sends nothing into the adapter
-            teacher = teacher._replace(sa_prob=torch.sigmoid(sa(fm_logit)))
+        teacher = adapter_step(sa, sa_opt, batch, teacher, observers[0])
     loss_fn = functools.partial(_vm_loss, teacher=teacher, kd=kd, dcfg=dcfg)
     loss, _ = train_step(vm, vm_opt, batch, loss_fn=loss_fn, observer=observers[1])
     return loss, teacher

@@ -56,7 +56,9 @@ class DistillConfig:
     sa_hidden: list[int] = option(
         help="hidden widths of the student adapter MLP", factory=lambda: [16]
     )
-    sa_lr: float = option(1e-2, "student adapter learning rate (Adam)", minimum=0)
+    sa_lr: float = option(
+        1e-2, "student adapter learning rate (Adam); 0 keeps the adapter the identity", minimum=0
+    )
 
     def validate(self) -> None:
         """One-line ``ConfigError`` naming the first out-of-range knob."""
@@ -65,7 +67,7 @@ class DistillConfig:
             ("alpha", self.alpha, self.alpha > 0, "> 0"),
             ("beta", self.beta, self.beta >= 0, ">= 0"),
             ("sa-w", self.sa_w, self.sa_w >= 0, ">= 0"),
-            ("sa-lr", self.sa_lr, self.sa_lr > 0, "> 0"),
+            ("sa-lr", self.sa_lr, self.sa_lr >= 0, ">= 0"),
         )
         for name, value, ok, rule in checks:
             if not (math.isfinite(value) and ok):
