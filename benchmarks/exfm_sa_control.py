@@ -182,7 +182,7 @@ def staleness(
             w["sa_used"] = _ne(torch.cat(used).double().numpy(), y)
             w["sa_before"] = _ne(torch.cat(before).double().numpy(), y)
             w["oracle"] = _ne(rows["oracle_prob"].to_numpy(), y)
-            w["affine_slope"], w["affine_intercept"] = (float(v) for v in MAPS["affine"][0](p, y))
+            w["affine_intercept"], w["affine_slope"] = (float(v) for v in MAPS["affine"][0](p, y))
             per.append(w)
         prev = (pred.astype(np.float64), y) if has.all() else None
     keys = [k for k in per[0] if k != "window"]
@@ -193,8 +193,15 @@ def staleness(
     }
 
 
-def one_seed(seed: int, lags: list[int], root: Path, variants: list[str]) -> dict[str, Any]:
+def one_seed(
+    seed: int,
+    lags: list[int],
+    root: Path,
+    variants: list[str],
+    stream_over: dict[str, float] | None = None,
+) -> dict[str, Any]:
     cfg: ExFMConfig = bench_config("synthetic", seed)
+    cfg.stream = replace(cfg.stream, **(stream_over or {}))
     cfg.validate()
     base = root / f"seed{seed}"
     stream = prepare_stream(cfg.stream, base / "stream")
@@ -259,11 +266,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--lags", type=int, nargs="+", default=[0, 1, 3])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="student variants (none given: the staleness measurement only)",
+    )
+    ap.add_argument(
+        "--stream",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="overrides of the bench's synthetic StreamConfig, e.g. drift=0.15 new_ids=3",
+    )
     ap.add_argument("--out", required=True, help="JSON report (rewritten after every seed)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    stream_over = {
+        k: float(v) if "." in v else int(v) for k, v in (a.split("=") for a in args.stream)
+    }
     scratch = tempfile.TemporaryDirectory(prefix="dmtrec-sa-control-")
     root = Path(args.work or scratch.name)
     runs: list[dict[str, Any]] = []
@@ -273,7 +296,7 @@ def main() -> None:
 
     def work() -> None:
         for seed in args.seeds:
-            r = one_seed(seed, args.lags, root, args.variants)
+            r = one_seed(seed, args.lags, root, args.variants, stream_over)
             runs.extend(r.pop("runs"))
             shapes.extend(r.pop("staleness"))
             per_seed[seed] = r
@@ -287,6 +310,7 @@ def main() -> None:
                 ),  # fmt: skip
                 "seeds_done": sorted(per_seed),
                 "lags": args.lags,
+                "stream_overrides": stream_over,
                 "elapsed_s": time.perf_counter() - t_start,
                 "summary": summarize(runs, shapes, args.lags),
                 "per_seed": per_seed,
