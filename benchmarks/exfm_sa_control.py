@@ -21,13 +21,16 @@ cubic-in-logit logistic refit (smooth, non-affine) and after an isotonic map
 dependencies) -- each fitted on window t itself (in-sample: optimistic, most for isotonic),
 cross-fitted within window t (5 folds: the honest estimate of what the best map of that
 family reaches on window t's own distribution) and fitted on window t - 1 (what an adapter
-trained on fresh labels could carry into the next window) -- and of the adapter's output as trained (``adapter_step`` in the
-VM's batch order: ``sa_used`` is the post-update output that supervised D2, ``sa_before`` the
-output before the adapter saw the batch's labels). The adapter depends on y_FM and the labels
-only, so it is replayed without a VM here; it is the same adapter aux_sa trained.
+trained on fresh labels could carry into the next window) -- and of the adapter's output as
+trained (``adapter_step`` in the VM's batch order: ``sa_used`` is the post-update output that
+supervised D2, ``sa_before`` the output before the adapter saw the batch's labels). The
+adapter depends on y_FM and the labels only, so it is replayed without a VM here; it is the
+same adapter aux_sa trained.
 
-    nice -n 10 .venv/bin/python benchmarks/exfm_sa_control.py --seeds 0 1 2 3 \\
+    nice -n 10 .venv/bin/python benchmarks/exfm_sa_control.py --seeds 0 1 2 3 4 5 6 7 \\
         --out benchmarks/results/exfm_sa_control.json
+    # the staleness only (no VM), on a faster-drifting stream
+    ... exfm_sa_control.py --seeds 100 101 --lags 0 3 --variants --stream drift=0.2 --out X.json
 """
 
 from __future__ import annotations
