@@ -150,6 +150,60 @@ def assemble_table_grads(results: list[dict], table_shapes: dict[str, torch.Size
     return full
 
 
+TOL = 1e-5
+_RUNS: dict[str, list[dict]] = {}
+
+
+def run_step(setup: StepSetup) -> list[dict]:
+    """``one_step`` of ``setup`` on its topology (loopback processes), once per distinct
+    setup in a test session: tests that look at different sides of one run share it (each
+    run spawns ``hosts * ranks_per_host`` processes, ~30 s on a 2-core box)."""
+    from dmtrec.parallel.launch import spawn
+
+    key = repr(setup)
+    if key not in _RUNS:
+        _RUNS[key] = spawn(
+            one_step, (setup,), setup.hosts * setup.ranks_per_host, setup.ranks_per_host
+        )
+    return _RUNS[key]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of two tensors of the same shape."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+def check_step(results: list[dict], ref: dict, tol: float = TOL) -> None:
+    """A distributed step (``run_step``) equals its reference (``reference_step``): logits,
+    loss, every dense gradient (replicas agreeing with each other) and every embedding row's
+    gradient, each within ``tol``; every table was touched, so the check means something."""
+    r0 = results[0]
+    assert max_diff(r0["logits"], ref["logits"]) <= tol
+    assert abs(r0["loss"] - ref["loss"]) <= tol
+    dense: dict[str, torch.Tensor] = {}
+    for res in results:
+        for name, g in res["dense_grads"].items():
+            if name in dense:
+                assert max_diff(dense[name], g) <= tol, name
+            dense[name] = g
+    expected = {n: g for n, g in ref["grads"].items() if "embedding_bags" not in n}
+    assert set(dense) == set(expected), set(dense) ^ set(expected)
+    for name, g in expected.items():
+        assert max_diff(dense[name], g) <= tol, name
+    shapes = {
+        n.split(".")[-2] + ".weight": g.shape
+        for n, g in ref["grads"].items()
+        if "embedding_bags" in n
+    }
+    tables = assemble_table_grads(results, shapes)
+    for n, g in ref["grads"].items():
+        if "embedding_bags" in n:
+            key = n.split(".")[-2] + ".weight"
+            assert max_diff(tables[key], g) <= tol, key
+            assert g.abs().sum() > 0
+
+
 def train_steps(setups: list[StepSetup], steps: int = 3) -> list[dict]:
     """``steps`` training steps of each setup in turn (run on every rank of one process group
     of the setups' topology): per setup, every step's loss over the global batch and, on rank

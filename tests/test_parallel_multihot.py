@@ -8,25 +8,22 @@ sizes. 2 emulated hosts x 2 ranks, gloo on loopback (the equivalence harness, sl
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dmtrec.data import DataConfig
 from dmtrec.models import ModelConfig
 from dmtrec.models.common import FlatModel
-from dmtrec.parallel.launch import spawn
 from dmtrec.parallel.sptt import assign_towers
 
 from equivalence import (
     StepSetup,
-    assemble_table_grads,
+    check_step,
     global_batch,
-    one_step,
     reference_model,
     reference_step,
+    run_step,
 )
 
 pytestmark = pytest.mark.slow
-TOL = 1e-5
 TOWERS = [["C2", "C7", "C4"], ["C1"], ["C8", "C3", "C6", "C5"]]
 
 
@@ -46,49 +43,6 @@ def data(pooling: int, mode: str = "sum") -> DataConfig:
     )
 
 
-_RUNS: dict[str, list[dict]] = {}
-
-
-def _run(setup: StepSetup) -> list[dict]:
-    key = repr(setup)
-    if key not in _RUNS:
-        _RUNS[key] = spawn(
-            one_step, (setup,), setup.hosts * setup.ranks_per_host, setup.ranks_per_host
-        )
-    return _RUNS[key]
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a - b).abs().max())
-
-
-def _check(results: list[dict], ref: dict) -> None:
-    """Logits, loss, every dense gradient and every embedding row's gradient."""
-    r0 = results[0]
-    assert _max_diff(r0["logits"], ref["logits"]) <= TOL
-    assert abs(r0["loss"] - ref["loss"]) <= TOL
-    dense = {}
-    for res in results:
-        for name, g in res["dense_grads"].items():
-            dense[name] = g
-    expected = {n: g for n, g in ref["grads"].items() if "embedding_bags" not in n}
-    assert set(dense) == set(expected), set(dense) ^ set(expected)
-    for name, g in expected.items():
-        assert _max_diff(dense[name], g) <= TOL, name
-    shapes = {
-        n.split(".")[-2] + ".weight": g.shape
-        for n, g in ref["grads"].items()
-        if "embedding_bags" in n
-    }
-    tables = assemble_table_grads(results, shapes)
-    for n, g in ref["grads"].items():
-        if "embedding_bags" in n:
-            key = n.split(".")[-2] + ".weight"
-            assert _max_diff(tables[key], g) <= TOL, key
-            assert g.abs().sum() > 0
-
-
 def _multi_hot_batch(setup: StepSetup):
     _, d = reference_model(setup)
     batch = global_batch(d, setup)
@@ -100,19 +54,19 @@ def _multi_hot_batch(setup: StepSetup):
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_sptt_identity_with_multi_hot_equals_flat_model(mode: str) -> None:
     setup = StepSetup(data(3, mode), ModelConfig(towers=TOWERS, tm="identity", cr=1))
-    results = _run(setup)
+    results = run_step(setup)
     mt, d = reference_model(setup)
     flat = FlatModel(mt.ebc, mt.head, [f for t in TOWERS for f in t])
     ref = reference_step(flat, _multi_hot_batch(setup))
-    _check(results, ref)
+    check_step(results, ref)
 
 
 def test_baseline_with_multi_hot_equals_flat_model() -> None:
     setup = StepSetup(data(3, "mean"), ModelConfig(), mode="baseline")
-    results = _run(setup)
+    results = run_step(setup)
     model, _ = reference_model(setup)
     ref = reference_step(model, _multi_hot_batch(setup))
-    _check(results, ref)
+    check_step(results, ref)
 
 
 def test_sptt_id_bytes_count_the_true_bag_sizes() -> None:
@@ -120,7 +74,7 @@ def test_sptt_id_bytes_count_the_true_bag_sizes() -> None:
     per extra id sent to another host; the pooled embeddings do not depend on the bag size."""
     multi = StepSetup(data(3), ModelConfig(towers=TOWERS, tm="identity", cr=1))
     one = StepSetup(data(1), ModelConfig(towers=TOWERS, tm="identity", cr=1))
-    comm_multi, comm_one = _run(multi)[0]["comm"], _run(one)[0]["comm"]
+    comm_multi, comm_one = run_step(multi)[0]["comm"], run_step(one)[0]["comm"]
     hosts, per_host, b = multi.hosts, multi.ranks_per_host, multi.batch_size
     tower_host = assign_towers([len(t) for t in TOWERS], hosts)
     host_of = {f: tower_host[k] for k, t in enumerate(TOWERS) for f in t}
