@@ -152,19 +152,42 @@ def assemble_table_grads(results: list[dict], table_shapes: dict[str, torch.Size
 
 TOL = 1e-5
 _RUNS: dict[str, list[dict]] = {}
+_PLANNED: list[StepSetup] = []
+
+
+def plan(*setups: StepSetup) -> None:
+    """Declare the setups a test module will ask ``run_step`` for: the first ``run_step`` of a
+    topology then runs every planned setup of that topology in one set of processes, instead
+    of spawning (and importing torch and TorchRec in) a fresh set per setup."""
+    _PLANNED.extend(setups)
+
+
+def one_steps(setups: list[StepSetup]) -> list[dict]:
+    """``one_step`` of each setup in turn, in one process group (run on every rank)."""
+    out = []
+    for setup in setups:
+        out.append(one_step(setup))
+        dist.barrier()
+    return out
 
 
 def run_step(setup: StepSetup) -> list[dict]:
-    """``one_step`` of ``setup`` on its topology (loopback processes), once per distinct
-    setup in a test session: tests that look at different sides of one run share it (each
-    run spawns ``hosts * ranks_per_host`` processes, ~30 s on a 2-core box)."""
+    """Every rank's ``one_step`` of ``setup`` on its topology (loopback processes), once per
+    distinct setup in a test session, run together with the planned setups of the same
+    topology (``plan``) that have not run yet."""
     from dmtrec.parallel.launch import spawn
 
     key = repr(setup)
     if key not in _RUNS:
-        _RUNS[key] = spawn(
-            one_step, (setup,), setup.hosts * setup.ranks_per_host, setup.ranks_per_host
-        )
+        topo = (setup.hosts, setup.ranks_per_host)
+        batch = {key: setup}
+        for s in _PLANNED:
+            if (s.hosts, s.ranks_per_host) == topo and repr(s) not in _RUNS:
+                batch.setdefault(repr(s), s)
+        setups = list(batch.values())
+        per_rank = spawn(one_steps, (setups,), topo[0] * topo[1], topo[1])
+        for i, s in enumerate(setups):
+            _RUNS[repr(s)] = [results[i] for results in per_rank]
     return _RUNS[key]
 
 

@@ -18,6 +18,7 @@ from equivalence import (
     StepSetup,
     check_step,
     global_batch,
+    plan,
     reference_model,
     reference_step,
     run_step,
@@ -43,6 +44,19 @@ def data(pooling: int, mode: str = "sum") -> DataConfig:
     )
 
 
+def _identity(pooling: int, mode: str = "sum") -> StepSetup:
+    return StepSetup(data(pooling, mode), ModelConfig(towers=TOWERS, tm="identity", cr=1))
+
+
+# every setup the tests below ask for, so that the 2 x 2 processes are spawned once
+plan(
+    _identity(3, "sum"),
+    _identity(3, "mean"),
+    _identity(1),
+    StepSetup(data(3, "mean"), ModelConfig(), mode="baseline"),
+)
+
+
 def _multi_hot_batch(setup: StepSetup):
     _, d = reference_model(setup)
     batch = global_batch(d, setup)
@@ -53,7 +67,7 @@ def _multi_hot_batch(setup: StepSetup):
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_sptt_identity_with_multi_hot_equals_flat_model(mode: str) -> None:
-    setup = StepSetup(data(3, mode), ModelConfig(towers=TOWERS, tm="identity", cr=1))
+    setup = _identity(3, mode)
     results = run_step(setup)
     mt, d = reference_model(setup)
     flat = FlatModel(mt.ebc, mt.head, [f for t in TOWERS for f in t])
@@ -72,8 +86,7 @@ def test_baseline_with_multi_hot_equals_flat_model() -> None:
 def test_sptt_id_bytes_count_the_true_bag_sizes() -> None:
     """Same shapes, one-hot vs bags: the cross-host id bytes differ by 8 bytes (an int64 id)
     per extra id sent to another host; the pooled embeddings do not depend on the bag size."""
-    multi = StepSetup(data(3), ModelConfig(towers=TOWERS, tm="identity", cr=1))
-    one = StepSetup(data(1), ModelConfig(towers=TOWERS, tm="identity", cr=1))
+    multi, one = _identity(3), _identity(1)
     comm_multi, comm_one = run_step(multi)[0]["comm"], run_step(one)[0]["comm"]
     hosts, per_host, b = multi.hosts, multi.ranks_per_host, multi.batch_size
     tower_host = assign_towers([len(t) for t in TOWERS], hosts)
